@@ -41,3 +41,33 @@ class MemorySink:
 
     def close(self) -> None:
         pass
+
+
+def make_sink(spec: dict) -> CaptureSink:
+    """Build a sink from a plain dict: the spec crosses into vLLM's engine process, a live sink cannot.
+
+    {"kind": "memory", "maxlen": 4096}
+    {"kind": "redis", "url": "redis://127.0.0.1:6379/0", "stream": "lkserve:capture", "maxlen": 100000,
+     "queue_size": 4096, "retention_seconds": None}
+    """
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind == "memory":
+        return MemorySink(**spec)
+    if kind == "redis":
+        from lkserve.capture.writer import RedisStreamWriter  # keeps redis out of processes that never write
+
+        return RedisStreamWriter(**spec)
+    raise ValueError(f"unknown capture sink kind {kind!r}; expected 'memory' or 'redis'")
+
+
+def redis_sink_spec(url: str, redis_settings, capture_settings) -> dict:
+    """The spec of the Redis sink from `RedisSettings` + `CaptureSettings` and a resolved URL."""
+    return {
+        "kind": "redis",
+        "url": url,
+        "stream": redis_settings.stream,
+        "maxlen": redis_settings.stream_maxlen,
+        "queue_size": capture_settings.queue_size,
+        "retention_seconds": redis_settings.retention_seconds,
+    }
