@@ -46,6 +46,7 @@ class CaptureSettings(BaseModel):
     top_k: int = Field(32, ge=1, le=1024, description="target tokens kept per drafted position")
     queue_size: int = Field(4096, ge=1, description="records buffered in memory before dropping")
     max_positions_per_record: int = Field(512, ge=1, description="long requests are split into chunks")
+    max_queue_bytes: int = Field(64 << 20, ge=1, description="writer queue cap in bytes, besides queue_size")
 
 
 class RedisSettings(BaseModel):
@@ -53,9 +54,13 @@ class RedisSettings(BaseModel):
 
     url: str | None = None
     stream: str = "lkserve:capture"
-    stream_maxlen: int = Field(100_000, ge=1, description="approximate cap on records kept (XADD MAXLEN ~)")
+    # A record is ~3.6 KB for a short request (16 positions, 512 context tokens) and up to ~75 KB for a full
+    # 512-position chunk: 20k records are 70 MB .. 1.5 GB of Redis memory (docs/capture.md has the formula).
+    stream_maxlen: int = Field(20_000, ge=1, description="approximate cap on records kept (XADD MAXLEN ~)")
     retention_seconds: int | None = Field(None, ge=1, description="drop records older than this (XTRIM MINID)")
     key_prefix: str = "lkserve"
+    embedded_maxmemory: str | None = Field(None, description="maxmemory of the embedded redis-server, e.g. 2gb")
+    embedded_persistence: Literal["none", "aof", "rdb"] = "none"
 
 
 class GatewaySettings(BaseModel):
@@ -76,6 +81,7 @@ class TrainerSettings(BaseModel):
     grad_clip: float = 1.0
     threads: int = 1
     consumer_group: str = "lkserve-trainers"
+    claim_min_idle_ms: int = Field(60_000, ge=0, description="pending records of a silent worker are reclaimed after")
 
 
 class Settings(BaseSettings):

@@ -186,5 +186,9 @@ def resolve_redis_url(settings, maxmemory: int | str | None = None) -> tuple[str
     """
     if settings.redis.url:
         return settings.redis.url, None
-    handle = EmbeddedRedis(Path(settings.cache_dir) / "redis", maxmemory=maxmemory).start()
+    handle = EmbeddedRedis(
+        Path(settings.cache_dir) / "redis",
+        maxmemory=maxmemory or settings.redis.embedded_maxmemory,
+        persistence=settings.redis.embedded_persistence,
+    ).start()
     return handle.url, handle
