@@ -1,0 +1,139 @@
+"""Capture records -> training/evaluation batches for the draft.
+
+A record holds a context (prompt + emitted tokens) and, for each verified drafted position p, the target's top-k
+distribution predicting context[p] from context[:p]. A causal LM run on context[:L] gives at logits row t the
+distribution of token t + 1, so the draft row for position p is row p - 1 of the same sequence: one forward pass
+per record covers all of its positions (the draft at serving time saw exactly context[:p], because every earlier
+draft token of the block was accepted, or the position would not have been verified).
+
+Layout of a batch (left-aligned, right-padded):
+
+    input_ids      [B, L]  context[start : last position] per record, padded with pad_id
+    attention_mask [B, L]  1 on real tokens
+    row_b, row_t   [N]     the logits row of each target row: hidden[row_b, row_t] predicts the drafted token
+    target         SparseTarget(ids [N, k], probs [N, k], residual [N]); ids -1 pad rows of a smaller k
+    draft_position [N]     draft_index (0..K-1): weight gamma^(n-1), per-position alpha/lambda
+    temperature    [N]     the request's temperature; the draft's q at serving time is softmax(logits / T)
+                           (vLLM's proposer ignores top-p/top-k for the draft), T ~ 0 = greedy
+
+Long contexts are cut to the `max_context` tokens that end at the record's last position; positions whose prefix
+falls outside that window are dropped (counted in `dropped_positions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lkserve.capture.record import VerificationRecord
+from lkserve.losses import SparseTarget
+
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperature below this is greedy
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    row_b: torch.Tensor  # [N] long
+    row_t: torch.Tensor  # [N] long
+    target: SparseTarget  # ids [N, k] long (-1 = padding), probs [N, k] fp32, residual [N] fp32
+    draft_position: torch.Tensor  # [N] long
+    temperature: torch.Tensor  # [N] fp32 (the request's; <= GREEDY_EPS means greedy)
+    record_index: torch.Tensor  # [N] long: which record of `records` the row came from
+    num_records: int
+    dropped_positions: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_b.shape[0])
+
+    def logit_temperature(self) -> torch.Tensor:
+        """[N] divisor of the draft logits: T, or 1 for greedy rows (vLLM does the same before its argmax)."""
+        return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature <= GREEDY_EPS
+
+
+def record_positions(record: VerificationRecord) -> int:
+    return record.num_positions
+
+
+def build_batch(records: list[VerificationRecord], max_context: int = 2048, pad_id: int = 0,
+                num_positions: int | None = None) -> Batch:
+    """One batch from whole records (split the record list by position budget with `split_by_positions`).
+    Positions with draft_index >= num_positions (if given) are dropped."""
+    seqs, rows_b, rows_t, ids, probs, resid, dpos, temps, rec_idx = [], [], [], [], [], [], [], [], []
+    dropped = 0
+    k_max = max((int(r.topk_ids.shape[1]) for r in records if r.num_positions), default=1)
+    for r in records:
+        pos = np.asarray(r.positions, dtype=np.int64)
+        keep = pos >= 1  # position 0 has no prefix
+        if num_positions is not None:
+            keep &= np.asarray(r.draft_index, dtype=np.int64) < num_positions
+        if not keep.any():
+            dropped += int((~keep).sum())
+            continue
+        end = int(pos[keep].max())  # input = context[start:end]; row of position p is p - 1 - start
+        start = max(0, end - max_context)
+        keep &= pos - 1 >= start
+        dropped += int((~keep).sum())
+        if not keep.any():
+            continue
+        b = len(seqs)
+        seqs.append(np.asarray(r.context_token_ids[start:end], dtype=np.int64))
+        sel = np.nonzero(keep)[0]
+        n = len(sel)
+        rows_b.append(np.full(n, b, dtype=np.int64))
+        rows_t.append(pos[sel] - 1 - start)
+        k = int(r.topk_ids.shape[1])
+        tid = np.full((n, k_max), -1, dtype=np.int64)
+        tpr = np.zeros((n, k_max), dtype=np.float32)
+        tid[:, :k] = r.topk_ids[sel]
+        tpr[:, :k] = r.topk_probs[sel].astype(np.float32)
+        ids.append(tid)
+        probs.append(tpr)
+        resid.append(np.clip(r.residual[sel].astype(np.float32), 0.0, 1.0))
+        dpos.append(np.asarray(r.draft_index[sel], dtype=np.int64))
+        temps.append(np.full(n, float(r.temperature), dtype=np.float32))
+        rec_idx.append(np.full(n, len(rec_idx), dtype=np.int64))  # index among kept records
+    if not seqs:
+        raise ValueError("no usable positions in these records")
+    L = max(len(s) for s in seqs)
+    input_ids = np.full((len(seqs), L), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), L), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs))
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(mask),
+        row_b=cat(rows_b),
+        row_t=cat(rows_t),
+        target=SparseTarget(cat(ids), cat(probs), cat(resid)),
+        draft_position=cat(dpos),
+        temperature=cat(temps),
+        record_index=cat(rec_idx),
+        num_records=len(seqs),
+        dropped_positions=dropped,
+    )
+
+
+def split_by_positions(records: list, budget: int, key=lambda r: r) -> list[list]:
+    """Consecutive groups of records with about `budget` positions each (a record is never split)."""
+    groups, cur, n = [], [], 0
+    for item in records:
+        p = key(item).num_positions
+        if cur and n + p > budget:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(item)
+        n += p
+    if cur:
+        groups.append(cur)
+    return groups

@@ -1,0 +1,186 @@
+"""The draft model under training: load, choose trainable parameters, optimizer, one step, save.
+
+The draft is the HF checkpoint the engine serves (LlamaForCausalLM-like: `model.model` the decoder, `lm_head` the
+head). Logits are only computed for the rows that have a target (hidden states gathered first, then the head):
+the LM head dominates the cost at a 49k vocabulary, so never run it over padding or unlabelled tokens.
+
+Trainable parameters (`train_params`):
+- "layers" (default): decoder layers + final norm; embeddings and a tied head frozen (what the preview measured).
+- "layers+head": also an UNTIED lm_head (a tied head stays frozen: it is the embedding).
+- "all": everything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lkserve import losses
+from lkserve.trainer.examples import Batch
+
+LOSSES = {
+    "lk_lambda": losses.lk_lambda_loss,
+    "lk_alpha": losses.lk_alpha_loss,
+    "kl": losses.kl_loss,
+    "tv": losses.tv_loss,
+}
+
+
+def set_threads(n: int) -> None:
+    """The worker shares the CPU with the engine: a fixed, small torch thread budget."""
+    n = max(1, int(n))
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (interop threads can only be set once per process)
+        pass
+
+
+def load_draft(model_dir: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model.eval()
+    return model
+
+
+def select_trainable(model, train_params: str = "layers") -> list[str]:
+    """Freeze everything, then unfreeze per `train_params`; returns the trainable parameter names."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    names = []
+    for name, p in model.named_parameters():
+        if train_params == "all" or ".layers." in name or name == "model.norm.weight" or train_params == "layers+head" and name.startswith("lm_head") and not tied:
+            on = True
+        else:
+            on = False
+        p.requires_grad_(on)
+        if on:
+            names.append(name)
+    if not names:
+        raise ValueError(f"train_params={train_params!r} selects no parameter")
+    return names
+
+
+def row_logits(model, batch: Batch) -> torch.Tensor:
+    """Draft logits [N, V] of the batch's target rows (not divided by temperature)."""
+    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    hidden = out.last_hidden_state[batch.row_b, batch.row_t]  # [N, H]
+    return model.lm_head(hidden)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    alpha_per_position: list[float]
+    lambda_per_position: list[float] | None
+    rows: int
+    seconds: float
+    lr: float
+
+
+class DraftTrainer:
+    def __init__(self, model_dir: str, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
+                 lr: float = 3e-3, grad_clip: float = 1.0, num_positions: int = 4, train_params: str = "layers",
+                 lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 10_000,
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), model=None):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        self.model_dir = str(model_dir)
+        self.model = model if model is not None else load_draft(model_dir)
+        self.loss_name, self.eta, self.gamma = loss, eta, gamma
+        self.base_lr, self.grad_clip, self.num_positions = lr, grad_clip, num_positions
+        self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.train_params = train_params
+        self.trainable = select_trainable(self.model, train_params)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.step_count = 0
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return self.base_lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return self.base_lr
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def loss_on(self, batch: Batch):
+        logits = row_logits(self.model, batch) / batch.logit_temperature()[:, None]
+        fn = LOSSES[self.loss_name]
+        kw = dict(gamma=self.gamma, num_positions=self.num_positions)
+        if self.loss_name == "lk_lambda":
+            kw["eta"] = self.eta
+        return fn(logits, batch.target, batch.draft_position, None, **kw)
+
+    def step(self, batch: Batch) -> StepResult:
+        t0 = time.perf_counter()
+        lr = self.lr_at(self.step_count)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        out = self.loss_on(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.grad_clip and self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        self.step_count += 1
+        nan_to_none = lambda t: [None if math.isnan(x) else float(x) for x in t.tolist()]
+        return StepResult(
+            step=self.step_count,
+            loss=float(out.loss.detach()),
+            alpha_per_position=nan_to_none(out.alpha_per_position),
+            lambda_per_position=None if out.lambda_per_position is None else nan_to_none(out.lambda_per_position),
+            rows=batch.num_rows,
+            seconds=time.perf_counter() - t0,
+            lr=lr,
+        )
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors (the frozen ones are the base checkpoint's)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in self.trainable}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def state_dict(self) -> dict:
+        return {"model": self.trainable_state(), "optimizer": self.optimizer.state_dict(), "step": self.step_count,
+                "loss": self.loss_name, "train_params": self.train_params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_trainable_state(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+
+
+def copy_model(model):
+    """An independent in-memory copy (the serving reference for the gate)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
+def q_from_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The draft's serving distribution per row: softmax(logits / T), one-hot argmax for greedy rows."""
+    q = F.softmax(logits.float() / batch.logit_temperature()[:, None], dim=-1)
+    g = batch.greedy
+    if g.any():
+        q[g] = F.one_hot(logits[g].argmax(-1), logits.shape[-1]).to(q.dtype)
+    return q

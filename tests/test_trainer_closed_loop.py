@@ -1,0 +1,147 @@
+"""Closed loop on the tiny models through the real vLLM engine: capture -> Redis -> worker -> publish -> hot swap,
+and automatic rollback of a broken version.
+
+The engine is the session's `spec_engine` (tiny target + random draft, K=4, probabilistic, T=1 here); its capture
+records are drained from the engine's memory sink and XADDed to the Redis stream (the Redis sink is the capture
+engineer's); announcements are applied with `engine.swap_draft(path, version, sha256)` exactly as the gateway's
+subscriber does. Acceptance is vLLM's own per-request spec-decode metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lkserve.capture.codec import encode
+from lkserve.capture.writer import FIELD
+from lkserve.trainer.publish import publish
+from lkserve.trainer.registry import DraftRegistry
+from lkserve.trainer.train import load_draft
+from lkserve.trainer.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.slow
+ROUNDS = 10
+torch.set_num_threads(1)
+
+
+def _prompts(engine_handle, n, rng, length=12):
+    from lkserve.models.tiny import _corpus_text
+
+    ids = engine_handle.engine.tokenizer(_corpus_text(100_000))["input_ids"]
+    starts = rng.integers(0, len(ids) - length, n)
+    return [list(ids[s : s + length]) for s in starts]
+
+
+def _traffic(h, rng, n=16, max_tokens=40):
+    """One round of requests at T=1; returns (per-position acceptance [K], accepted/drafted, records)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
+    res = h.generate_many([(p, sp) for p in _prompts(h, n, rng)])
+    dr = np.sum([r.spec.per_position_drafted for r in res], 0)
+    ac = np.sum([r.spec.per_position_accepted for r in res], 0)
+    rate = sum(r.spec.accepted for r in res) / max(1, sum(r.spec.drafted for r in res))
+    return ac / np.maximum(dr, 1), rate, h.drain()
+
+
+def _push(client, records):
+    pipe = client.pipeline(transaction=False)
+    for r in records:
+        pipe.xadd("cap", {FIELD: encode(r)})
+    pipe.execute()
+
+
+def _apply_announcement(h, reg):
+    """What the gateway's subscriber does with `<prefix>:drafts:latest`."""
+    raw = reg.client.get(reg.k["latest"])
+    if raw is None:
+        return None
+    ann = json.loads(raw)
+    if ann["version"] == h.engine.draft_version:
+        return None
+    res = h.run(h.engine.swap_draft(ann["path"], ann["version"], sha256=ann["sha256"]))
+    assert res.ok, res
+    return ann["version"]
+
+
+def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client, tmp_path):
+    h = spec_engine
+    h.use_draft("random")
+    h.drain()
+    rng = np.random.default_rng(0)
+    cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(tiny.random_draft),
+                       base_version="random", stream="cap", key_prefix="cl", consumer="cl1", train_params="all",
+                       lr=1e-2, batch_positions=256, min_fresh_positions=256, replay_ratio=0.5, eval_every_steps=2,
+                       gate_min_rows=64, gate_margin=0.002, heldout_fraction=0.2, checkpoint_every_steps=4,
+                       block_ms=50, read_count=500, threads=1)
+    w = Worker(cfg)
+    reg = DraftRegistry(redis_client, "cl")
+    start_pos, start_rate, recs = _traffic(h, rng)
+    log = [(0, "random", round(start_rate, 4), start_pos.round(3).tolist(), None)]
+    records_in = len(recs)
+    _push(redis_client, recs)
+    for rnd in range(1, ROUNDS + 1):
+        for _ in range(4):
+            w.run_once()
+        swapped = _apply_announcement(h, reg)
+        pos, rate, recs = _traffic(h, rng)
+        records_in += len(recs)
+        _push(redis_client, recs)
+        log.append((rnd, h.engine.draft_version, round(rate, 4), pos.round(3).tolist(), swapped))
+    print("\nround, serving version, vLLM acceptance, per-position acceptance, swapped-in")
+    for row in log:
+        print(*row)
+    end_rate = np.mean([r[2] for r in log[-3:]])
+    print(f"acceptance {start_rate:.3f} -> {end_rate:.3f} (mean of last 3 rounds) after {records_in} records, "
+          f"{w.trainer.step_count} steps, {w.counters['published']} versions published; last gate: {w.last_eval}")
+    h.use_draft("random")
+    assert w.counters["published"] >= 1
+    # stated margin: acceptance at least x1.8 and +0.03 absolute (measured: 0.029 -> 0.084 over 10 rounds; the
+    # tiny random target is barely learnable beyond its marginal, see docs/worker.md)
+    assert end_rate >= 1.8 * start_rate and end_rate >= start_rate + 0.03
+
+
+def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, redis_client, tmp_path):
+    """A broken draft (random weights, head scaled x10) published past the gate by a test hook: live acceptance
+    collapses against the previous version's and the worker announces the previous version within the window."""
+    h = spec_engine
+    h.use_draft("random")
+    h.drain()
+    rng = np.random.default_rng(1)
+    cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(tiny.random_draft),
+                       base_version="random", stream="cap", key_prefix="rb", consumer="rb1", train_params="all",
+                       batch_positions=100_000, min_fresh_positions=100_000, block_ms=50, read_count=500,
+                       rollback_window_tokens=400, rollback_margin=0.015, threads=1)
+    w = Worker(cfg)  # training effectively off: this test is about the monitor
+    reg = DraftRegistry(redis_client, "rb")
+    _, base_rate, recs = _traffic(h, rng)
+    _push(redis_client, recs)
+    w.run_once()
+    broken = load_draft(tiny.random_draft)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        broken.lm_head.weight.mul_(10)
+    meta = publish(reg, broken, tiny.random_draft, cfg.cache_dir, metadata={"test_hook": "broken"})
+    assert _apply_announcement(h, reg) == meta["version"]
+    rolled_after, tokens = None, 0
+    for rnd in range(1, 7):
+        _, rate, recs = _traffic(h, rng)
+        tokens += sum(r.num_positions for r in recs)
+        _push(redis_client, recs)
+        print(f"\nbroken {h.engine.draft_version}: acceptance {rate:.3f} (previous 'random': {base_rate:.3f})")
+        w.run_once()
+        if reg.current() != meta["version"]:
+            rolled_after = rnd
+            break
+    assert rolled_after is not None, "the worker did not roll back"
+    print(f"rolled back after {rolled_after} rounds ({tokens} verified tokens of the broken version)")
+    assert reg.current() == "random" and reg.get(meta["version"])["status"] == "rolled_back"
+    assert w.counters["rolled_back"] == 1
+    ann = json.loads(reg.client.get("rb:drafts:latest"))
+    assert ann["version"] == "random"
+    h.use_draft("random")

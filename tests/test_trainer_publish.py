@@ -1,0 +1,121 @@
+"""Registry, publish and rollback units against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import redis
+import torch
+
+from lkserve.trainer.publish import clean_partial, publish, register_base, write_checkpoint
+from lkserve.trainer.registry import AnnounceError, DraftRegistry, sha256_file
+from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
+from lkserve.trainer.train import load_draft
+
+torch.set_num_threads(1)
+
+
+def _listen(url, channel, got, ready):
+    c = redis.Redis.from_url(url)
+    ps = c.pubsub()
+    ps.subscribe(channel)
+    ready.set()
+    for msg in ps.listen():
+        if msg["type"] == "message":
+            got.append(json.loads(msg["data"]))
+            if len(got) >= 2:
+                break
+
+
+def test_publish_writes_loadable_checkpoint_and_announces(tiny, redis_url, tmp_path):
+    reg = DraftRegistry(redis_url, "t1")
+    register_base(reg, tiny.random_draft)
+    assert reg.current() == "base"
+    got, ready = [], threading.Event()
+    th = threading.Thread(target=_listen, args=(redis_url, reg.channel, got, ready), daemon=True)
+    th.start()
+    ready.wait(5)
+    model = load_draft(tiny.random_draft)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    meta = publish(reg, model, tiny.random_draft, tmp_path, metadata={"loss": "lk_lambda", "records_seen": 7})
+    path = tmp_path / "drafts" / meta["version"]
+    assert meta["version"] == "v0001" and meta["path"] == str(path)
+    assert sha256_file(path / "model.safetensors") == meta["sha256"]
+    on_disk = json.loads((path / "lkserve-version.json").read_text())
+    assert on_disk["sha256"] == meta["sha256"] and on_disk["records_seen"] == 7
+    back = load_draft(path)
+    assert torch.allclose(back.model.norm.weight, model.model.norm.weight)
+    assert (path / "tokenizer.json").is_file()
+    assert reg.current() == "v0001" and reg.previous() == "base"
+    assert json.loads(reg.client.get("t1:drafts:latest")) == {"version": "v0001", "path": str(path),
+                                                              "sha256": meta["sha256"]}
+    manual_rollback(reg)
+    th.join(5)
+    assert [g["version"] for g in got] == ["v0001", "base"]
+    assert reg.current() == "base" and reg.get("v0001")["status"] == "rolled_back"
+    assert reg.previous() is None  # never back to the rolled-back version by default
+
+
+def test_partial_dir_is_never_announced(tiny, redis_url, tmp_path):
+    reg = DraftRegistry(redis_url, "t2")
+    model = load_draft(tiny.random_draft)
+    with pytest.raises(RuntimeError):
+        write_checkpoint(model, tiny.random_draft, tmp_path, "v0009", _fail_after_weights=True)
+    assert not (tmp_path / "drafts" / "v0009").exists()
+    assert list((tmp_path / "drafts").iterdir()) == []  # temp dir cleaned up too
+    # a temp dir left by a SIGKILLed writer is not announceable and is removed at start
+    path, sha = write_checkpoint(model, tiny.random_draft, tmp_path, "v0010")
+    partial = tmp_path / "drafts" / ".tmp-v0011-123"
+    path.rename(partial)
+    reg.register("v0011", partial, sha)
+    with pytest.raises(AnnounceError):
+        reg.announce("v0011")
+    assert reg.current() is None
+    assert clean_partial(tmp_path) == 1
+    # a complete dir whose weights changed after registration is refused too
+    path2, sha2 = write_checkpoint(model, tiny.random_draft, tmp_path, "v0012")
+    reg.register("v0012", path2, "0" * 64)
+    with pytest.raises(AnnounceError):
+        reg.announce("v0012")
+    reg.register("v0012", path2, sha2)
+    assert reg.announce("v0012")["sha256"] == sha2
+    with pytest.raises(AnnounceError):
+        reg.announce("nope")
+
+
+def test_pause_flag(redis_url):
+    reg = DraftRegistry(redis_url, "t3")
+    assert not reg.is_paused()
+    reg.client.set("t3:adaptation:paused", "1")  # what the admin API writes
+    assert reg.is_paused()
+    reg.set_paused(False)
+    assert not reg.is_paused()
+
+
+def test_rollback_monitor_rule():
+    import numpy as np
+
+    class R:
+        def __init__(self, v, acc):
+            self.draft_version, self.accepted = v, np.array(acc, bool)
+            self.num_positions = len(acc)
+
+    m = RollbackMonitor(window_tokens=100, margin=0.1)
+    for _ in range(20):
+        m.observe(R("a", [1, 1, 0, 1, 0]))  # 0.6
+    assert m.check("b", "a") is None  # no evidence on b
+    for _ in range(10):
+        m.observe(R("b", [1, 0, 0, 0, 0]))
+    assert m.check("b", "a") is None  # 50 < window
+    for _ in range(10):
+        m.observe(R("b", [1, 0, 0, 0, 0]))
+    d = m.check("b", "a")
+    assert d.rollback and d.rate == pytest.approx(0.2) and d.previous_rate == pytest.approx(0.6)
+    m2 = RollbackMonitor(window_tokens=100, margin=0.1)
+    for _ in range(20):
+        m2.observe(R("a", [1, 1, 0, 1, 0]))
+        m2.observe(R("c", [1, 1, 0, 0, 1]))
+    assert not m2.check("c", "a").rollback

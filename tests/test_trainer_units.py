@@ -1,0 +1,121 @@
+"""Worker units on real records from the tiny target: examples, train step, gate (no Redis, no engine)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lkserve.trainer.examples import build_batch, split_by_positions
+from lkserve.trainer.gate import Gate, chain_tau, evaluate
+from lkserve.trainer.train import DraftTrainer, load_draft, row_logits
+from tests.test_trainer_data import make_records, shuffled
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def recs(tiny):
+    return make_records(tiny.target, n_requests=96, seed=0, gen_len=48)
+
+
+@pytest.fixture(scope="module")
+def recs_full_vocab(tiny):
+    """k = V: the logged top-k is the whole distribution."""
+    return make_records(tiny.target, n_requests=6, seed=5, gen_len=16, k=10_000)
+
+
+def test_batch_rows_map_to_the_right_logits(tiny, recs_full_vocab):
+    """With draft = target, the draft's row for a logged position reproduces the logged distribution."""
+    model = load_draft(tiny.copy_draft)
+    recs = recs_full_vocab[:3]
+    batch = build_batch(recs)
+    assert batch.num_rows == sum(r.num_positions for r in recs)
+    with torch.no_grad():
+        q = torch.softmax(row_logits(model, batch), -1)
+    p = torch.zeros_like(q).scatter_(1, batch.target.ids, batch.target.probs)
+    assert (q - p).abs().max() < 2e-3  # fp16 logging
+
+
+def test_left_aligned_padding_and_context_window(recs):
+    short = [recs[0], recs[1]]
+    import dataclasses
+
+    short[1] = dataclasses.replace(recs[1], positions=recs[1].positions[:5], draft_index=recs[1].draft_index[:5],
+                                   draft_token_ids=recs[1].draft_token_ids[:5], accepted=recs[1].accepted[:5],
+                                   topk_ids=recs[1].topk_ids[:5], topk_probs=recs[1].topk_probs[:5],
+                                   residual=recs[1].residual[:5], draft_probs=recs[1].draft_probs[:5])
+    b = build_batch(short)
+    assert b.attention_mask[1].sum() == int(short[1].positions.max())  # context up to the last position
+    assert b.attention_mask[1, int(short[1].positions.max()):].sum() == 0
+    w = build_batch([recs[0]], max_context=20)  # positions 16..63: only prefixes inside the last 20 tokens
+    assert w.input_ids.shape[1] == 20 and w.num_rows == 20 and w.dropped_positions == 28
+    assert torch.equal(w.input_ids[0], torch.from_numpy(recs[0].context_token_ids[43:63].astype(np.int64)))
+
+
+def test_gate_alpha_equals_dense_when_k_is_vocab(tiny, recs_full_vocab):
+    model = load_draft(tiny.random_draft)
+    res = evaluate(model, recs_full_vocab, num_positions=4)
+    batch = build_batch(recs_full_vocab)
+    with torch.no_grad():
+        q = torch.softmax(row_logits(model, batch).double(), -1)
+    p = torch.zeros_like(q).scatter_(1, batch.target.ids, batch.target.probs.double())
+    dense = torch.minimum(p, q).sum(-1)
+    for n in range(4):
+        assert res.alpha_per_position[n] == pytest.approx(float(dense[batch.draft_position == n].mean()), abs=1e-5)
+    assert res.alpha_mean == pytest.approx(float(dense.mean()), abs=1e-5)
+    assert res.tau == pytest.approx(chain_tau(res.alpha_per_position))
+
+
+def test_chain_tau():
+    assert chain_tau([1, 1, 1, 1]) == 5
+    assert chain_tau([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert chain_tau([0.5, float("nan"), 0.9]) == pytest.approx(1.5)
+
+
+def test_train_step_improves_training_alpha(tiny, recs):
+    tr = DraftTrainer(tiny.random_draft, loss="lk_lambda", lr=3e-3, train_params="all", num_positions=4)
+    batches = [build_batch(g) for g in split_by_positions(recs[:64], 512)]
+    first = tr.step(batches[0])
+    assert first.lambda_per_position is not None and len(first.alpha_per_position) == 4
+    for _ in range(3):
+        for b in batches:
+            last = tr.step(b)
+    a0, a1 = np.mean(first.alpha_per_position), np.mean(last.alpha_per_position)
+    print(f"\ntrain alpha {a0:.3f} -> {a1:.3f}")
+    assert a1 > a0 + 0.05
+
+
+def test_trainable_selection(tiny):
+    tr = DraftTrainer(tiny.random_draft, train_params="layers")
+    assert all(".layers." in n or n == "model.norm.weight" for n in tr.trainable)
+    assert not any("embed" in n or "lm_head" in n for n in tr.trainable)
+    tr2 = DraftTrainer(tiny.random_draft, train_params="layers+head")
+    assert "lm_head.weight" in tr2.trainable  # the tiny draft's head is untied
+
+
+def test_gate_refuses_a_worse_candidate(tiny, recs):
+    """Serving: a good draft (the target's own weights). Candidate: that draft trained further on a stream with
+    scrambled labels. The gate refuses it and the serving version stays; a real improvement passes."""
+    train, heldout = recs[:72], recs[72:]
+    serving = load_draft(tiny.copy_draft)
+    bad = DraftTrainer(tiny.copy_draft, train_params="all", lr=3e-3)
+    for g in split_by_positions(shuffled(train, seed=1), 512):
+        bad.step(build_batch(g))
+    gate = Gate(margin=0.005, min_rows=64)
+    d = gate.decide(bad.model, serving, heldout)
+    print(f"\nserving held-out alpha {d.serving.alpha_mean:.3f}, scrambled-trained candidate {d.candidate.alpha_mean:.3f}")
+    assert not d.publish and d.candidate.alpha_mean < d.serving.alpha_mean - 0.05
+    assert not gate.decide(serving, serving, heldout).publish  # equal is not better
+    # a real improvement passes: random draft trained on the real stream vs the untrained random draft
+    good = DraftTrainer(tiny.random_draft, train_params="all", lr=3e-3)
+    for _ in range(2):
+        for g in split_by_positions(train, 512):
+            good.step(build_batch(g))
+    d2 = gate.decide(good.model, load_draft(tiny.random_draft), heldout)
+    print(f"random draft held-out alpha {d2.serving.alpha_mean:.3f} -> trained {d2.candidate.alpha_mean:.3f}")
+    assert d2.publish, d2.reason
+    assert not Gate(min_rows=10_000).decide(good.model, load_draft(tiny.random_draft), heldout).publish
+    assert not math.isnan(d.candidate.tau)
