@@ -21,6 +21,54 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lkserve.gateway.server import serve
+
+    overrides = {}
+    if args.host or args.port:
+        gw = load_settings().gateway
+        overrides["gateway"] = gw.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    serve(load_settings(**overrides))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from lkserve.trainer.worker import run_worker
+
+    settings = load_settings()
+    if not settings.redis.url:
+        raise SystemExit("lkserve worker needs the Redis the gateway writes to: set LKSERVE_REDIS__URL "
+                         "(the embedded Redis is private to `lkserve serve`; `lkserve demo` starts both).")
+    run_worker(settings)
+    return 0
+
+
+def _registry():
+    from lkserve.trainer.registry import DraftRegistry
+
+    settings = load_settings()
+    if not settings.redis.url:
+        raise SystemExit("set LKSERVE_REDIS__URL to the Redis that holds the draft registry")
+    return DraftRegistry(settings.redis.url, settings.redis.key_prefix)
+
+
+def cmd_draft_list(args: argparse.Namespace) -> int:
+    reg = _registry()
+    print(json.dumps({"current": reg.current(), "previous": reg.previous(), "versions": reg.versions(),
+                      "history": reg.history()}, indent=2, default=str))
+    return 0
+
+
+def cmd_draft_promote(args: argparse.Namespace) -> int:
+    print(json.dumps(_registry().announce(args.version, reason="cli promote"), default=str))
+    return 0
+
+
+def cmd_draft_rollback(args: argparse.Namespace) -> int:
+    print(json.dumps(_registry().rollback(args.to, reason="cli rollback"), default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     print("lkserve demo: not implemented yet (the demo issue wires gateway + worker + traffic).")
     return 0
@@ -41,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub.add_parser("prepare", help="convert SmolLM2 from its GGUF and derive the draft").set_defaults(
         func=cmd_models_prepare
     )
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway with the engine (and embedded Redis)")
+    serve.add_argument("--host", help="bind address (LKSERVE_GATEWAY__HOST)")
+    serve.add_argument("--port", type=int, help="port (LKSERVE_GATEWAY__PORT)")
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("worker", help="run the adaptation worker (needs LKSERVE_REDIS__URL)").set_defaults(
+        func=cmd_worker)
+
+    draft = sub.add_parser("draft", help="inspect and move the served draft version (needs LKSERVE_REDIS__URL)")
+    draft_sub = draft.add_subparsers(dest="draft_command", required=True)
+    draft_sub.add_parser("list", help="versions, current, history").set_defaults(func=cmd_draft_list)
+    promote = draft_sub.add_parser("promote", help="announce a registered version to every gateway")
+    promote.add_argument("version")
+    promote.set_defaults(func=cmd_draft_promote)
+    rollback = draft_sub.add_parser("rollback", help="back to the previous (or a named) version")
+    rollback.add_argument("--to", help="version to roll back to (default: the previous one)")
+    rollback.set_defaults(func=cmd_draft_rollback)
 
     sub.add_parser("demo", help="run the end-to-end demo").set_defaults(func=cmd_demo)
     return parser
