@@ -197,6 +197,61 @@ def apply_empty_draft_fix() -> dict[str, Any]:
         return dict(_empty_fix_state)
 
 
+_seed_fix_state: dict[str, Any] = {"applied": False, "reason": "not attempted"}
+
+
+def apply_seeded_draft_fix() -> dict[str, Any]:
+    """vLLM 0.32 samples probabilistic draft tokens with the global RNG ('TODO: Consider seeds' in
+    `llm_base_proposer.compute_probs_and_sample_next_token`), so a request's `seed` does not make its output
+    reproducible once the draft is probabilistic: the drafts, hence which tokens are accepted, differ run to run.
+    Draw the exponential noise of seeded rows from the request's own generator, as vLLM's main sampler does.
+    The output distribution is unchanged (same noise law); only its source. Idempotent; any platform."""
+    with _fix_lock:
+        if _seed_fix_state["applied"]:
+            return dict(_seed_fix_state)
+        if os.environ.get("LKSERVE_DISABLE_SEEDED_DRAFT_FIX", "0") == "1":
+            _seed_fix_state.update(applied=False, reason="disabled by LKSERVE_DISABLE_SEEDED_DRAFT_FIX=1")
+            return dict(_seed_fix_state)
+        try:
+            import torch
+            from vllm.v1.spec_decode import llm_base_proposer as lbp
+
+            original = lbp.compute_probs_and_sample_next_token
+            if not getattr(original, "_lkserve_fix", False):
+                noise_like = lbp.empty_exponential_noise_like
+                sample = lbp.sample_with_exponential_noise
+                eps = lbp._SAMPLING_EPS
+
+                def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
+                    generators = sampling_metadata.generators
+                    if sampling_metadata.all_greedy or not generators:
+                        return original(logits, sampling_metadata, use_fp64_gumbel)
+                    temperature = sampling_metadata.temperature  # [rows], rows = requests x drafts per pass
+                    if not sampling_metadata.all_random:
+                        is_greedy = temperature < eps
+                        temperature = torch.where(is_greedy, 1.0, temperature)
+                    logits.div_(temperature.view(-1, 1))
+                    probs = logits.softmax(dim=-1, dtype=torch.float32)
+                    q = noise_like(probs, use_fp64_gumbel)
+                    q.exponential_()
+                    rows_per_req = max(probs.shape[0] // max(len(sampling_metadata.temperature), 1), 1)
+                    for i, gen in generators.items():  # batch index -> the request's torch.Generator
+                        q[i * rows_per_req:(i + 1) * rows_per_req].exponential_(generator=gen)
+                    next_token_ids = sample(probs.clone(), q)
+                    if not sampling_metadata.all_random:
+                        next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
+                    return next_token_ids, probs
+
+                compute_probs_and_sample_next_token._lkserve_fix = True  # type: ignore[attr-defined]
+                compute_probs_and_sample_next_token._lkserve_original = original  # type: ignore[attr-defined]
+                lbp.compute_probs_and_sample_next_token = compute_probs_and_sample_next_token
+            _seed_fix_state.update(applied=True, reason="seeded llm_base_proposer.compute_probs_and_sample_next_token")
+        except Exception as e:  # noqa: BLE001
+            _seed_fix_state.update(applied=False, reason=f"error: {e!r}")
+            logger.warning("lkserve: seeded-draft fix not applied: %r", e)
+        return dict(_seed_fix_state)
+
+
 def register_plugin() -> None:
     """`vllm.general_plugins` entry point: runs in every vLLM process (frontend, engine core, workers)."""
     try:
@@ -207,6 +262,7 @@ def register_plugin() -> None:
         logger.warning("lkserve: vLLM version check failed: %r", e)
     apply_cpu_fixes()
     apply_empty_draft_fix()
+    apply_seeded_draft_fix()
 
 
 # ----------------------------------------------------------------------------------------------------------------
