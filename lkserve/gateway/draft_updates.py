@@ -1,0 +1,223 @@
+"""Draft versions: the worker's announcements on Redis pub/sub become engine hot-swaps.
+
+Announcement (published by the worker on `<key_prefix>:drafts`, JSON):
+
+    {"version": "v7", "path": "/cache/lkserve/drafts/v7", "sha256": "<hex of the checkpoint>"}
+
+Each one is handed to `engine.swap_draft(path, version, sha256)`. A refused or failed swap leaves the old version
+serving; the reason is kept (`last_error`, the history, the log). Pub/sub loses messages sent while nobody listens,
+so on every (re)subscribe the subscriber also reads `<key_prefix>:drafts:latest` (same JSON) when the worker keeps
+it, and applies it if it is not the version serving.
+
+Promote/rollback from the admin API go through the same `DraftManager`, one swap at a time. Which versions exist
+and where their weights are is the worker's registry (`<prefix>:drafts:versions`, read through
+`lkserve.trainer.registry.AsyncDraftRegistry`); versions it does not know are resolved from the gateway's own history
+(`HistoryRegistry`). Any object with `async resolve(version) -> (path, sha256) | None` is a `VersionRegistry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from lkserve.gateway.protocol import DraftHistoryEntry
+
+log = logging.getLogger("lkserve.gateway.drafts")
+
+
+class VersionRegistry(Protocol):
+    async def resolve(self, version: str) -> tuple[str, str | None] | None:
+        """(path, sha256) of a known version, None if unknown."""
+
+
+class HistoryRegistry:
+    """Versions this gateway has served (loaded successfully) since it started."""
+
+    def __init__(self, manager: DraftManager):
+        self._manager = manager
+
+    async def resolve(self, version: str) -> tuple[str, str | None] | None:
+        for entry in reversed(self._manager.history):
+            if entry.version == version and entry.ok and entry.path:
+                return entry.path, entry.sha256
+        return None
+
+
+class ChainRegistry:
+    """The first registry that knows the version wins (the worker's Redis registry, then our own history)."""
+
+    def __init__(self, *registries: VersionRegistry):
+        self.registries = registries
+
+    async def resolve(self, version: str) -> tuple[str, str | None] | None:
+        for registry in self.registries:
+            try:
+                found = await registry.resolve(version)
+            except Exception as e:  # noqa: BLE001 - e.g. Redis down: try the next one
+                log.warning("draft registry %s failed: %r", type(registry).__name__, e)
+                continue
+            if found is not None:
+                return found
+        return None
+
+
+def redis_registry(async_client, key_prefix: str) -> VersionRegistry | None:
+    """The worker's registry (`<prefix>:drafts:versions`), when the trainer package is there."""
+    try:
+        from lkserve.trainer.registry import AsyncDraftRegistry
+    except ImportError:
+        return None
+    return AsyncDraftRegistry(async_client, key_prefix)
+
+
+class Announcement:
+    __slots__ = ("path", "sha256", "version")
+
+    def __init__(self, version: str, path: str, sha256: str | None):
+        self.version, self.path, self.sha256 = version, path, sha256
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Announcement:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"announcement is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError("announcement is not a JSON object")  # noqa: TRY004 - bad input, not a bad call
+        version, path, sha = data.get("version"), data.get("path"), data.get("sha256")
+        if not isinstance(version, str) or not version:
+            raise ValueError("announcement has no 'version' string")
+        if not isinstance(path, str) or not path:
+            raise ValueError("announcement has no 'path' string")
+        if sha is not None and not isinstance(sha, str):
+            raise ValueError("announcement 'sha256' is not a string")
+        return cls(version, path, sha or None)
+
+
+class DraftManager:
+    def __init__(self, engine, channel: str | None = None, history_len: int = 200,
+                 registry: VersionRegistry | None = None):
+        self.engine = engine
+        self.channel = channel
+        self.latest_key = f"{channel}:latest" if channel else None
+        self.history: deque[DraftHistoryEntry] = deque(maxlen=history_len)
+        self.registry: VersionRegistry = registry or HistoryRegistry(self)
+        self.last_error: str | None = None
+        self.announcements_received = 0
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self._subscribed = asyncio.Event()
+        if engine is not None and getattr(engine, "draft_version", None) is not None:
+            self.history.append(DraftHistoryEntry(
+                version=str(engine.draft_version), path=getattr(engine, "draft_dir", None),
+                sha256=getattr(engine, "draft_sha256", None), source="startup", ok=True, at=time.time()))
+
+    # -- swaps -----------------------------------------------------------------------------------------------
+    @property
+    def version(self) -> str | None:
+        return getattr(self.engine, "draft_version", None)
+
+    async def swap(self, version: str, path: str, sha256: str | None, source: str) -> DraftHistoryEntry:
+        """Ask the engine to load a version; the entry says how it went. Never raises for a bad checkpoint."""
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                res = await self.engine.swap_draft(path, version, sha256=sha256)
+                ok, reason, seconds = bool(res.ok), (res.reason or None), float(res.seconds)
+                sha = getattr(res, "sha256", None) or sha256
+            except Exception as e:  # noqa: BLE001 - the old version keeps serving
+                ok, reason, seconds, sha = False, f"swap raised {e!r}", time.perf_counter() - t0, sha256
+            entry = DraftHistoryEntry(version=version, path=path, sha256=sha, source=source, ok=ok,
+                                      reason=reason if not ok else (reason or None), seconds=round(seconds, 4),
+                                      at=time.time())
+            self.history.append(entry)
+            if ok:
+                log.info("draft %s now serving (%s, %.2fs)", version, source, seconds)
+            else:
+                self.last_error = f"{version}: {reason}"
+                log.warning("draft %s refused (%s): %s; still serving %s", version, source, reason, self.version)
+            return entry
+
+    def previous_version(self) -> str | None:
+        """The version that served before the current one (for rollback without a name)."""
+        current = self.version
+        for entry in reversed(self.history):
+            if entry.ok and entry.version != current and entry.path:
+                return entry.version
+        return None
+
+    # -- announcements ---------------------------------------------------------------------------------------
+    async def handle_announcement(self, raw: bytes | str, source: str = "announcement") -> DraftHistoryEntry | None:
+        self.announcements_received += 1
+        try:
+            ann = Announcement.parse(raw)
+        except ValueError as e:
+            self.last_error = f"bad announcement: {e}"
+            log.warning("ignoring draft announcement: %s", e)
+            return None
+        if ann.version == self.version:
+            log.info("draft %s announced but already serving", ann.version)
+            return None
+        return await self.swap(ann.version, ann.path, ann.sha256, source)
+
+    def start(self, redis_client) -> None:
+        if self.channel is None or self._task is not None:
+            return
+        self._task = asyncio.ensure_future(self._run(redis_client))
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def wait_subscribed(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self, redis_client) -> None:
+        backoff = 0.5
+        while True:
+            pubsub = redis_client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                self._subscribed.set()
+                backoff = 0.5
+                log.info("listening for draft announcements on %s", self.channel)
+                latest = await redis_client.get(self.latest_key)
+                if latest is not None:
+                    await self.handle_announcement(latest, source="announcement")
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        await self.handle_announcement(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Redis gone: keep serving, retry
+                self._subscribed.clear()
+                self.last_error = f"subscriber: {e!r}"
+                log.warning("draft subscriber lost Redis (%r); retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sha256": getattr(self.engine, "draft_sha256", None),
+            "channel": self.channel,
+            "subscriber_running": self.running,
+            "announcements_received": self.announcements_received,
+            "last_error": self.last_error,
+            "history": list(self.history),
+        }
