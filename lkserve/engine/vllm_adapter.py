@@ -917,6 +917,7 @@ class LkserveWorkerExtension:
             "vllm_version": vllm_version(),
             "cpu_fix": cpu_fix_state(),
             "empty_draft_fix": dict(_empty_fix_state),
+            "seeded_draft_fix": dict(_seed_fix_state),
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
         }
