@@ -26,6 +26,7 @@ from typing import Any
 
 from lkserve.config import CaptureSettings, EngineSettings
 from lkserve.engine import vllm_adapter as va
+from lkserve.metrics import serving as metrics
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -211,6 +212,7 @@ class Engine:
             info = await engine.draft_info()
             engine.draft_version = info.get("version")
             engine.draft_sha256 = info.get("sha256")
+            metrics.set_version(engine.draft_version)
         except BaseException:
             llm.shutdown()
             raise
@@ -255,6 +257,9 @@ class Engine:
         sp.extra_args = extra
         self._running.add(request_id)
         num_out = 0
+        t_submit = time.perf_counter()
+        t_first = t_last = None
+        finish_reason, num_prompt = None, len(prompt_token_ids)
         try:
             prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
             if self._salt_prefix_cache:
@@ -266,6 +271,16 @@ class Engine:
                 ids = list(c.token_ids)
                 num_out += len(ids)
                 finished = bool(out.finished)
+                now = time.perf_counter()
+                if ids:
+                    metrics.observe_tokens(len(ids), None if t_last is None else now - t_last)
+                    t_first = t_first or now
+                    t_last = now
+                spec = SpecStats.from_vllm(c.spec_decode_metrics) if finished else None
+                if finished:
+                    finish_reason = c.finish_reason
+                    num_prompt = len(out.prompt_token_ids or prompt_token_ids)
+                    metrics.observe_spec(self.draft_version, spec)
                 yield GenerationChunk(
                     request_id=request_id,
                     token_ids=ids,
@@ -274,11 +289,13 @@ class Engine:
                     finish_reason=c.finish_reason,
                     num_prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     num_output_tokens=num_out,
-                    spec=SpecStats.from_vllm(c.spec_decode_metrics) if finished else None,
+                    spec=spec,
                 )
         finally:
             self._running.discard(request_id)
             self._finished.append(request_id)
+            metrics.observe_request(finish_reason, num_prompt, None if t_first is None else t_first - t_submit,
+                                    time.perf_counter() - t_submit)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -325,6 +342,7 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - the swap itself succeeded
                         res.reason = f"ok (running requests not recomputed: {e!r})"
                 res.seconds = time.perf_counter() - t0
+            metrics.observe_swap(res.ok, res.version, res.seconds)
             return res
 
     async def draft_info(self) -> dict:

@@ -576,7 +576,9 @@ class CaptureState:
         d = dict(self.stats)
         d.update(enabled=self.enabled, sample_rate=self.sample_rate, draft_version=self.draft_version,
                  tracked=sum(1 for a in self.accs.values() if a is not None),
-                 sink_dropped=int(getattr(self.sink, "dropped", 0)))
+                 sink_dropped=int(getattr(self.sink, "dropped", 0)),
+                 sink_written=int(getattr(self.sink, "written", 0)),
+                 sink_dropped_by_reason=dict(getattr(self.sink, "dropped_by_reason", {}) or {}))
         return d
 
 

@@ -26,9 +26,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
-from prometheus_client import Counter, Gauge
 
 from lkserve.capture.reader import StreamReader
+from lkserve.metrics.worker import (
+    M_ACKED,
+    M_ALPHA,
+    M_CKPT,
+    M_HELD_ALPHA,
+    M_HELD_ALPHA_POS,
+    M_HELD_TAU,
+    M_LAMBDA,
+    M_LAST_STEP,
+    M_LIVE,
+    M_LOSS,
+    M_PAUSED,
+    M_POSITIONS,
+    M_PUBLISHED,
+    M_RECORDS,
+    M_REJECTED,
+    M_ROLLED_BACK,
+    M_RPS,
+    M_STEPS,
+    observe_stream,
+)
 from lkserve.trainer.examples import build_batch
 from lkserve.trainer.gate import Gate
 from lkserve.trainer.publish import clean_partial, publish, register_base
@@ -39,27 +59,6 @@ from lkserve.trainer.state import AckTracker, TrainingStateStore, read_own_pendi
 from lkserve.trainer.train import DraftTrainer, copy_model, load_draft, set_threads
 
 log = logging.getLogger("lkserve.worker")
-
-# -- metrics (module level: one registry per process) -----------------------------------------------------------
-M_STEPS = Counter("lkserve_worker_steps_total", "Optimizer steps")
-M_LOSS = Gauge("lkserve_worker_loss", "Training loss of the last step")
-M_ALPHA = Gauge("lkserve_worker_train_alpha", "Training alpha of the last step per draft position", ["position"])
-M_LAMBDA = Gauge("lkserve_worker_lambda", "LK-lambda KL weight of the last step per draft position", ["position"])
-M_HELD_ALPHA = Gauge("lkserve_worker_heldout_alpha", "Held-out alpha (mean over positions)", ["model"])
-M_HELD_TAU = Gauge("lkserve_worker_heldout_tau", "Held-out tau (chain formula)", ["model"])
-M_HELD_ALPHA_POS = Gauge("lkserve_worker_heldout_alpha_position", "Held-out alpha per draft position",
-                         ["model", "position"])
-M_RECORDS = Counter("lkserve_worker_records_total", "Capture records consumed", ["split"])
-M_RPS = Gauge("lkserve_worker_records_per_second", "Records consumed per second (last minute-ish)")
-M_POSITIONS = Counter("lkserve_worker_positions_trained_total", "Fresh positions trained on")
-M_PUBLISHED = Counter("lkserve_worker_versions_published_total", "Draft versions published")
-M_REJECTED = Counter("lkserve_worker_versions_rejected_total", "Candidates refused by the gate")
-M_ROLLED_BACK = Counter("lkserve_worker_versions_rolled_back_total", "Automatic rollbacks")
-M_PAUSED = Gauge("lkserve_worker_paused", "1 while adaptation is paused")
-M_LIVE = Gauge("lkserve_worker_live_acceptance", "Live acceptance from capture records", ["role"])
-M_CKPT = Counter("lkserve_worker_checkpoints_total", "Durable training-state checkpoints")
-M_ACKED = Counter("lkserve_worker_records_acked_total", "Stream entries acked (after a checkpoint)")
-
 
 def _event(event: str, **fields) -> None:
     log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}, default=str))
@@ -263,6 +262,7 @@ class Worker:
         if dt >= 10:
             M_RPS.set(self._rate_n / dt)
             self._rate_t0, self._rate_n = time.monotonic(), 0
+            observe_stream(self.client, self.cfg.stream, self.cfg.group)
 
     def train_step(self) -> None:
         fresh, replayed = self.replay.next_batch(self.cfg.batch_positions)
@@ -280,14 +280,15 @@ class Worker:
         n_fresh = sum(i.positions for i in fresh)
         self.counters["positions_trained"] += n_fresh
         M_STEPS.inc()
+        M_LAST_STEP.set_to_current_time()
         M_POSITIONS.inc(n_fresh)
         M_LOSS.set(res.loss)
         for n, a in enumerate(res.alpha_per_position):
             if a is not None:
-                M_ALPHA.labels(str(n + 1)).set(a)
+                M_ALPHA.labels(str(n)).set(a)
         for n, lam in enumerate(res.lambda_per_position or []):
             if lam is not None:
-                M_LAMBDA.labels(str(n + 1)).set(lam)
+                M_LAMBDA.labels(str(n)).set(lam)
         _event("step", step=res.step, loss=round(res.loss, 5), rows=res.rows, fresh_positions=n_fresh,
                alpha=[None if a is None else round(a, 4) for a in res.alpha_per_position],
                seconds=round(res.seconds, 3))
@@ -313,7 +314,7 @@ class Worker:
             M_HELD_TAU.labels(role).set(res.tau)
             for n, a in enumerate(res.alpha_per_position):
                 if not math.isnan(a):
-                    M_HELD_ALPHA_POS.labels(role, str(n + 1)).set(a)
+                    M_HELD_ALPHA_POS.labels(role, str(n)).set(a)
         self.last_eval = {"candidate": d.candidate.as_dict(), "serving": d.serving.as_dict(),
                           "serving_version": self.serving_version, "publish": d.publish, "reason": d.reason}
         _event("gate", step=self.trainer.step_count, publish=d.publish, reason=d.reason,
