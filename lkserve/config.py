@@ -81,6 +81,7 @@ class TrainerSettings(BaseModel):
     grad_clip: float = 1.0
     threads: int = 1
     consumer_group: str = "lkserve-trainers"
+    metrics_port: int | None = Field(9100, description="worker HTTP port: /metrics and published checkpoints")
     claim_min_idle_ms: int = Field(60_000, ge=0, description="pending records of a silent worker are reclaimed after")
 
 
