@@ -7,13 +7,22 @@ PIP := $(PY) -m pip
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.lkserve-installed
 
-.PHONY: demo test install lint bench-losses clean
+.PHONY: demo test test-tools install lint bench-losses clean
 
 demo: $(STAMP)
 	$(VENV)/bin/lkserve demo
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q
+
+# System tools some tests drive for real: promtool (Prometheus rules) and headless Chromium (the /dashboard page).
+# Installed with apt when we are root on Debian/Ubuntu (CI, these machines); elsewhere those tests skip and say why.
+test-tools:
+	@if command -v promtool >/dev/null && command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing promtool and chromium (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium >/dev/null; \
+	else echo "promtool/chromium missing and not root: their tests will be skipped"; fi
 
 install: $(STAMP)
 

@@ -82,6 +82,8 @@ class TrainerSettings(BaseModel):
     threads: int = 1
     consumer_group: str = "lkserve-trainers"
     metrics_port: int | None = Field(9100, description="worker HTTP port: /metrics and published checkpoints")
+    public_url: str | None = Field(None, description="how gateways reach that port (http://worker:9100): "
+                                   "announcements then carry a URL and gateways need no shared filesystem")
     claim_min_idle_ms: int = Field(60_000, ge=0, description="pending records of a silent worker are reclaimed after")
 
 

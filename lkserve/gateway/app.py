@@ -10,6 +10,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -78,7 +79,7 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
         settings=settings,
         auth=auth,
         admission=Admission(max_running, gw.max_queued_requests),
-        drafts=DraftManager(engine, channel=f"{prefix}:drafts"),
+        drafts=DraftManager(engine, channel=f"{prefix}:drafts", fetch_dir=Path(settings.cache_dir) / "drafts-fetched"),
         capture=CaptureStatus(enabled=settings.capture.enabled, sample_rate=settings.capture.sample_rate),
         adaptation_key=f"{prefix}:adaptation:paused",
         redis_url=redis_url or settings.redis.url,

@@ -2,9 +2,12 @@
 
 Announcement (published by the worker on `<key_prefix>:drafts`, JSON):
 
-    {"version": "v7", "path": "/cache/lkserve/drafts/v7", "sha256": "<hex of the checkpoint>"}
+    {"version": "v7", "path": "/cache/lkserve/drafts/v7", "sha256": "<hex of the checkpoint>",
+     "url": "http://worker:9100/drafts/v7"}                      # url: when the worker has a public_url
 
-Each one is handed to `engine.swap_draft(path, version, sha256)`. A refused or failed swap leaves the old version
+Each one is handed to `engine.swap_draft(path, version, sha256)`. When `path` is not a directory on this machine
+and the announcement has a `url`, the checkpoint is first fetched over HTTP into `<fetch_dir>/<version>` and its
+sha256 checked (`draft_fetch.py`): gateways on other machines need no shared filesystem. A refused or failed swap leaves the old version
 serving; the reason is kept (`last_error`, the history, the log). Pub/sub loses messages sent while nobody listens,
 so on every (re)subscribe the subscriber also reads `<key_prefix>:drafts:latest` (same JSON) when the worker keeps
 it, and applies it if it is not the version serving.
@@ -23,6 +26,7 @@ import json
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Protocol
 
 from lkserve.gateway.protocol import DraftHistoryEntry
@@ -76,10 +80,10 @@ def redis_registry(async_client, key_prefix: str) -> VersionRegistry | None:
 
 
 class Announcement:
-    __slots__ = ("path", "sha256", "version")
+    __slots__ = ("path", "sha256", "url", "version")
 
-    def __init__(self, version: str, path: str, sha256: str | None):
-        self.version, self.path, self.sha256 = version, path, sha256
+    def __init__(self, version: str, path: str, sha256: str | None, url: str | None = None):
+        self.version, self.path, self.sha256, self.url = version, path, sha256, url
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Announcement:
@@ -96,13 +100,17 @@ class Announcement:
             raise ValueError("announcement has no 'path' string")
         if sha is not None and not isinstance(sha, str):
             raise ValueError("announcement 'sha256' is not a string")
-        return cls(version, path, sha or None)
+        url = data.get("url")
+        if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            raise ValueError("announcement 'url' is not an http(s) URL")
+        return cls(version, path, sha or None, url or None)
 
 
 class DraftManager:
     def __init__(self, engine, channel: str | None = None, history_len: int = 200,
-                 registry: VersionRegistry | None = None):
+                 registry: VersionRegistry | None = None, fetch_dir: str | Path | None = None):
         self.engine = engine
+        self.fetch_dir = Path(fetch_dir) if fetch_dir else None  # where checkpoints fetched over HTTP go
         self.channel = channel
         self.latest_key = f"{channel}:latest" if channel else None
         self.history: deque[DraftHistoryEntry] = deque(maxlen=history_len)
@@ -163,7 +171,33 @@ class DraftManager:
         if ann.version == self.version:
             log.info("draft %s announced but already serving", ann.version)
             return None
-        return await self.swap(ann.version, ann.path, ann.sha256, source)
+        path = ann.path
+        if ann.url and not Path(ann.path).is_dir():
+            try:
+                path = str(await self._fetch(ann))
+            except Exception as e:  # noqa: BLE001 - keep serving the old version, say why
+                return self._refused(ann.version, ann.path, ann.sha256, source, f"fetch failed: {e}")
+        return await self.swap(ann.version, path, ann.sha256, source)
+
+    async def _fetch(self, ann: Announcement) -> Path:
+        from lkserve.gateway.draft_fetch import fetch_checkpoint
+
+        if self.fetch_dir is None:
+            raise RuntimeError("no fetch_dir configured")
+        if not ann.sha256:
+            raise RuntimeError("an announcement fetched over HTTP must carry its sha256")
+        t0 = time.perf_counter()
+        path = await fetch_checkpoint(ann.url, ann.version, ann.sha256, self.fetch_dir)
+        log.info("draft %s fetched from %s in %.2fs", ann.version, ann.url, time.perf_counter() - t0)
+        return path
+
+    def _refused(self, version: str, path: str, sha256: str | None, source: str, reason: str) -> DraftHistoryEntry:
+        entry = DraftHistoryEntry(version=version, path=path, sha256=sha256, source=source, ok=False, reason=reason,
+                                  seconds=0.0, at=time.time())
+        self.history.append(entry)
+        self.last_error = f"{version}: {reason}"
+        log.warning("draft %s refused (%s): %s; still serving %s", version, source, reason, self.version)
+        return entry
 
     def start(self, redis_client) -> None:
         if self.channel is None or self._task is not None:

@@ -59,10 +59,13 @@ def _s(v):
 
 
 class DraftRegistry:
-    def __init__(self, client_or_url, key_prefix: str = "lkserve"):
+    def __init__(self, client_or_url, key_prefix: str = "lkserve", public_url: str | None = None):
+        """public_url: where this worker's HTTP port is reachable (e.g. http://worker:9100); versions registered
+        through it carry `url` = <public_url>/drafts/<version>, so gateways without the worker's disk can fetch."""
         self.client = redis.Redis.from_url(client_or_url) if isinstance(client_or_url, str) else client_or_url
         self.prefix = key_prefix
         self.k = keys(key_prefix)
+        self.public_url = public_url.rstrip("/") if public_url else None
 
     @property
     def channel(self) -> str:
@@ -75,6 +78,8 @@ class DraftRegistry:
     def register(self, version: str, path: str | Path, sha256: str, metadata: dict | None = None) -> dict:
         meta = {"version": version, "path": str(path), "sha256": sha256, "created": time.time(),
                 "status": "registered", **(metadata or {})}
+        if self.public_url:
+            meta["url"] = f"{self.public_url}/drafts/{version}"
         self.client.hset(self.k["versions"], version, json.dumps(meta))
         return meta
 
@@ -126,6 +131,8 @@ class DraftRegistry:
         if verify:
             self.verify(meta)
         ann = {"version": version, "path": meta["path"], "sha256": meta["sha256"]}
+        if meta.get("url"):
+            ann["url"] = meta["url"]
         payload = json.dumps(ann)
         old = self.current()
         pipe = self.client.pipeline(transaction=True)

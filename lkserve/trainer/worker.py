@@ -111,7 +111,8 @@ class WorkerConfig:
     # plumbing
     read_count: int = 64
     block_ms: int = 500
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # HTTP: /metrics and the registered checkpoints (lkserve.trainer.http)
+    public_url: str | None = None  # how gateways reach that port, e.g. http://worker:9100 (None: shared disk only)
     seed: int = 0
     max_steps: int | None = None  # stop after this many steps (tests)
     step_delay: float = 0.0  # test hook: sleep after each step (makes a crash window easy to hit)
@@ -131,7 +132,7 @@ class Worker:
         self.cfg = cfg
         set_threads(cfg.threads)
         self.client = redis.Redis.from_url(cfg.redis_url)
-        self.registry = DraftRegistry(self.client, cfg.key_prefix)
+        self.registry = DraftRegistry(self.client, cfg.key_prefix, public_url=cfg.public_url)
         self.reader = StreamReader(cfg.redis_url, cfg.stream, cfg.group, cfg.consumer,
                                    claim_min_idle_ms=cfg.claim_min_idle_ms)
         self.store = TrainingStateStore(cfg.state_dir)
@@ -196,9 +197,9 @@ class Worker:
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
         if self.cfg.metrics_port:
-            from prometheus_client import start_http_server
+            from lkserve.trainer.http import serve_worker_http
 
-            start_http_server(self.cfg.metrics_port)
+            serve_worker_http(self.cfg.metrics_port, self.registry.get)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, lambda *_: self.stop())
@@ -394,7 +395,7 @@ def config_from_settings(settings, **overrides) -> WorkerConfig:
               key_prefix=settings.redis.key_prefix, group=t.consumer_group, loss=t.loss, eta=t.eta, gamma=t.gamma,
               lr=t.lr, batch_positions=t.batch_positions, grad_clip=t.grad_clip, threads=t.threads,
               num_positions=settings.engine.num_speculative_tokens, max_context=settings.engine.max_model_len,
-              metrics_port=t.metrics_port)
+              metrics_port=t.metrics_port, public_url=t.public_url)
     kw.update(overrides)
     return WorkerConfig(**kw)
 
