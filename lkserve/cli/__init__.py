@@ -70,8 +70,11 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("lkserve demo: not implemented yet (the demo issue wires gateway + worker + traffic).")
-    return 0
+    from lkserve.cli.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(minutes=args.minutes, clients=args.clients, temperature=args.temperature,
+                                  max_tokens=args.max_tokens, port=args.port, seed=args.seed, out_dir=args.out))
+    return 0 if summary["requests"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="version to roll back to (default: the previous one)")
     rollback.set_defaults(func=cmd_draft_rollback)
 
-    sub.add_parser("demo", help="run the end-to-end demo").set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="the whole loop on this machine: embedded Redis, gateway, worker, traffic")
+    demo.add_argument("--minutes", type=float, default=10.0, help="length of the traffic (default 10)")
+    demo.add_argument("--clients", type=int, default=3, help="concurrent clients (default 3)")
+    demo.add_argument("--temperature", type=float, default=1.0)
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", help="output directory (default <cache>/demo/<time>)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
