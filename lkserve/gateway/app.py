@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lkserve.config import Settings
-from lkserve.gateway import admin, chat, completions, health, models
+from lkserve.gateway import admin, chat, completions, dashboard, health, models
 from lkserve.gateway.admission import Admission
 from lkserve.gateway.auth import Auth
 from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry, redis_registry
@@ -112,7 +112,7 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
     )
     app.state.gw = state
     install_exception_handlers(app)
-    for module in (completions, chat, models, health, admin):
+    for module in (completions, chat, models, health, admin, dashboard):
         app.include_router(module.router)
     app.add_middleware(AuthMiddleware, auth=auth)
     return app
