@@ -16,7 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_cache_dir() -> Path:
-    """Models, embedded Redis data and draft versions live here unless told otherwise."""
+    """Models, embedded Redis data and draft versions live here: LKSERVE_CACHE_DIR, else $XDG_CACHE_HOME/lkserve.
+    (Read here too, not only by Settings, so code that has no Settings at hand agrees with code that has.)"""
+    if os.environ.get("LKSERVE_CACHE_DIR"):
+        return Path(os.environ["LKSERVE_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lkserve"
 

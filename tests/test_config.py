@@ -33,3 +33,14 @@ def test_cli_config_show_prints_effective_json(monkeypatch):
         [sys.executable, "-m", "lkserve.cli", "config", "show"], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(out)["engine"]["num_speculative_tokens"] == 5
+
+
+def test_default_cache_dir_follows_lkserve_cache_dir(monkeypatch, tmp_path):
+    """The engine resolves the default models without Settings: it must agree with Settings.cache_dir."""
+    from lkserve.config import default_cache_dir
+
+    monkeypatch.setenv("LKSERVE_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" == load_settings().cache_dir
+    monkeypatch.delenv("LKSERVE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "lkserve" == load_settings().cache_dir
