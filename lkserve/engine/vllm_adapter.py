@@ -119,43 +119,57 @@ def cpu_expand_is_buggy() -> bool | None:
         return None
 
 
-def apply_cpu_fixes() -> dict[str, Any]:
-    """Replace `rejection_sampler.expand_batch_to_tokens` on CPU when vLLM's CPU kernel is the buggy one.
-
-    Idempotent. Skipped with LKSERVE_DISABLE_CPU_FIX=1 (tests use it to show the bug is real)."""
+def _patch_once(state: dict[str, Any], disable_env: str, patch) -> dict[str, Any]:
+    """Run `patch() -> (applied, reason)` once per process, unless `disable_env`=1 (tests use it to show each bug
+    is real). A plugin must never take vLLM down: any error leaves vLLM as it was and is reported in `state`."""
     with _fix_lock:
-        if _fix_state["applied"]:
-            return dict(_fix_state)
-        if os.environ.get("LKSERVE_DISABLE_CPU_FIX", "0") == "1":
-            _fix_state.update(applied=False, reason="disabled by LKSERVE_DISABLE_CPU_FIX=1")
-            return dict(_fix_state)
+        if state["applied"]:
+            return dict(state)
+        if os.environ.get(disable_env, "0") == "1":
+            state.update(applied=False, reason=f"disabled by {disable_env}=1")
+            return dict(state)
         try:
-            from vllm.platforms import current_platform
+            applied, reason = patch()
+            state.update(applied=applied, reason=reason)
+            if applied:
+                logger.info("lkserve: %s in pid %d", reason, os.getpid())
+        except Exception as e:  # noqa: BLE001
+            state.update(applied=False, reason=f"error: {e!r}")
+            logger.warning("lkserve: %s not applied: %r", disable_env, e)
+        return dict(state)
 
-            if not current_platform.is_cpu():
-                _fix_state.update(applied=False, reason="not the CPU platform")
-                return dict(_fix_state)
-            buggy = cpu_expand_is_buggy()
-            if buggy is None:  # cannot test by behaviour: fall back on the version known to be broken
-                buggy = vllm_version().startswith("0.32.")
-            if not buggy:
-                _fix_state.update(applied=False, reason="CPU expand kernel behaves correctly")
-                return dict(_fix_state)
-            from vllm.v1.sample import rejection_sampler as rs
 
-            if getattr(rs.expand_batch_to_tokens, "_lkserve_fix", False):
-                _fix_state.update(applied=True, reason="already patched")
-                return dict(_fix_state)
-            fixed = torch_expand_batch_to_tokens
-            fixed._lkserve_fix = True  # type: ignore[attr-defined]
-            rs._lkserve_original_expand = rs.expand_batch_to_tokens
-            rs.expand_batch_to_tokens = fixed
-            _fix_state.update(applied=True, reason="replaced rejection_sampler.expand_batch_to_tokens (CPU bug)")
-            logger.info("lkserve: %s in pid %d", _fix_state["reason"], os.getpid())
-        except Exception as e:  # noqa: BLE001 - a plugin must never take vLLM down
-            _fix_state.update(applied=False, reason=f"error: {e!r}")
-            logger.warning("lkserve: CPU fix not applied: %r", e)
-        return dict(_fix_state)
+def _wrap(module, name: str, make_replacement) -> None:
+    """module.name = make_replacement(original), once (marked with `_lkserve_fix`)."""
+    original = getattr(module, name)
+    if getattr(original, "_lkserve_fix", False):
+        return
+    replacement = make_replacement(original)
+    replacement._lkserve_fix = True
+    replacement._lkserve_original = original
+    setattr(module, name, replacement)
+
+
+def apply_cpu_fixes() -> dict[str, Any]:
+    """Replace `rejection_sampler.expand_batch_to_tokens` on CPU when vLLM's CPU kernel is the buggy one
+    (temperature/top-p/top-k per draft token left uninitialised: acceptance collapses at T > 0)."""
+
+    def patch():
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return False, "not the CPU platform"
+        buggy = cpu_expand_is_buggy()
+        if buggy is None:  # cannot test by behaviour: fall back on the version known to be broken
+            buggy = vllm_version().startswith("0.32.")
+        if not buggy:
+            return False, "CPU expand kernel behaves correctly"
+        from vllm.v1.sample import rejection_sampler as rs
+
+        _wrap(rs, "expand_batch_to_tokens", lambda original: lambda *a, **k: torch_expand_batch_to_tokens(*a, **k))
+        return True, "replaced rejection_sampler.expand_batch_to_tokens (CPU bug)"
+
+    return _patch_once(_fix_state, "LKSERVE_DISABLE_CPU_FIX", patch)
 
 
 def cpu_fix_state() -> dict[str, Any]:
@@ -163,41 +177,30 @@ def cpu_fix_state() -> dict[str, Any]:
 
 
 _empty_fix_state: dict[str, Any] = {"applied": False, "reason": "not attempted"}
+_seed_fix_state: dict[str, Any] = {"applied": False, "reason": "not attempted"}
 
 
 def apply_empty_draft_fix() -> dict[str, Any]:
     """vLLM 0.32 builds spec-decode metadata for every step once speculation is configured, including steps where
     no request has drafts (every prefill). `apply_sampling_constraints` then runs on 0 rows and, when a request uses
     top-k, `apply_top_k_only` calls `k.max()` on an empty tensor: the engine core dies (measured on CPU). With no
-    rows there is nothing to constrain, so return the empty logits unchanged. Idempotent; any platform."""
-    with _fix_lock:
-        if _empty_fix_state["applied"]:
-            return dict(_empty_fix_state)
-        if os.environ.get("LKSERVE_DISABLE_EMPTY_DRAFT_FIX", "0") == "1":
-            _empty_fix_state.update(applied=False, reason="disabled by LKSERVE_DISABLE_EMPTY_DRAFT_FIX=1")
-            return dict(_empty_fix_state)
-        try:
-            from vllm.v1.sample import rejection_sampler as rs
+    rows there is nothing to constrain, so return the empty logits unchanged. Any platform."""
 
-            original = rs.apply_sampling_constraints
-            if not getattr(original, "_lkserve_fix", False):
+    def patch():
+        from vllm.v1.sample import rejection_sampler as rs
 
-                def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
-                    if logits.shape[0] == 0:
-                        return logits
-                    return original(logits, cu_num_draft_tokens, sampling_metadata)
+        def make(original):
+            def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+                if logits.shape[0] == 0:
+                    return logits
+                return original(logits, cu_num_draft_tokens, sampling_metadata)
 
-                apply_sampling_constraints._lkserve_fix = True  # type: ignore[attr-defined]
-                apply_sampling_constraints._lkserve_original = original  # type: ignore[attr-defined]
-                rs.apply_sampling_constraints = apply_sampling_constraints
-            _empty_fix_state.update(applied=True, reason="guarded rejection_sampler.apply_sampling_constraints")
-        except Exception as e:  # noqa: BLE001
-            _empty_fix_state.update(applied=False, reason=f"error: {e!r}")
-            logger.warning("lkserve: empty-draft fix not applied: %r", e)
-        return dict(_empty_fix_state)
+            return apply_sampling_constraints
 
+        _wrap(rs, "apply_sampling_constraints", make)
+        return True, "guarded rejection_sampler.apply_sampling_constraints"
 
-_seed_fix_state: dict[str, Any] = {"applied": False, "reason": "not attempted"}
+    return _patch_once(_empty_fix_state, "LKSERVE_DISABLE_EMPTY_DRAFT_FIX", patch)
 
 
 def apply_seeded_draft_fix() -> dict[str, Any]:
@@ -205,51 +208,41 @@ def apply_seeded_draft_fix() -> dict[str, Any]:
     `llm_base_proposer.compute_probs_and_sample_next_token`), so a request's `seed` does not make its output
     reproducible once the draft is probabilistic: the drafts, hence which tokens are accepted, differ run to run.
     Draw the exponential noise of seeded rows from the request's own generator, as vLLM's main sampler does.
-    The output distribution is unchanged (same noise law); only its source. Idempotent; any platform."""
-    with _fix_lock:
-        if _seed_fix_state["applied"]:
-            return dict(_seed_fix_state)
-        if os.environ.get("LKSERVE_DISABLE_SEEDED_DRAFT_FIX", "0") == "1":
-            _seed_fix_state.update(applied=False, reason="disabled by LKSERVE_DISABLE_SEEDED_DRAFT_FIX=1")
-            return dict(_seed_fix_state)
-        try:
-            import torch
-            from vllm.v1.spec_decode import llm_base_proposer as lbp
+    The output distribution is unchanged (same noise law); only its source. Any platform."""
 
-            original = lbp.compute_probs_and_sample_next_token
-            if not getattr(original, "_lkserve_fix", False):
-                noise_like = lbp.empty_exponential_noise_like
-                sample = lbp.sample_with_exponential_noise
-                eps = lbp._SAMPLING_EPS
+    def patch():
+        import torch
+        from vllm.v1.spec_decode import llm_base_proposer as lbp
 
-                def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
-                    generators = sampling_metadata.generators
-                    if sampling_metadata.all_greedy or not generators:
-                        return original(logits, sampling_metadata, use_fp64_gumbel)
-                    temperature = sampling_metadata.temperature  # [rows], rows = requests x drafts per pass
-                    if not sampling_metadata.all_random:
-                        is_greedy = temperature < eps
-                        temperature = torch.where(is_greedy, 1.0, temperature)
-                    logits.div_(temperature.view(-1, 1))
-                    probs = logits.softmax(dim=-1, dtype=torch.float32)
-                    q = noise_like(probs, use_fp64_gumbel)
-                    q.exponential_()
-                    rows_per_req = max(probs.shape[0] // max(len(sampling_metadata.temperature), 1), 1)
-                    for i, gen in generators.items():  # batch index -> the request's torch.Generator
-                        q[i * rows_per_req:(i + 1) * rows_per_req].exponential_(generator=gen)
-                    next_token_ids = sample(probs.clone(), q)
-                    if not sampling_metadata.all_random:
-                        next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
-                    return next_token_ids, probs
+        noise_like, sample, eps = lbp.empty_exponential_noise_like, lbp.sample_with_exponential_noise, lbp._SAMPLING_EPS
 
-                compute_probs_and_sample_next_token._lkserve_fix = True  # type: ignore[attr-defined]
-                compute_probs_and_sample_next_token._lkserve_original = original  # type: ignore[attr-defined]
-                lbp.compute_probs_and_sample_next_token = compute_probs_and_sample_next_token
-            _seed_fix_state.update(applied=True, reason="seeded llm_base_proposer.compute_probs_and_sample_next_token")
-        except Exception as e:  # noqa: BLE001
-            _seed_fix_state.update(applied=False, reason=f"error: {e!r}")
-            logger.warning("lkserve: seeded-draft fix not applied: %r", e)
-        return dict(_seed_fix_state)
+        def make(original):
+            def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
+                generators = sampling_metadata.generators
+                if sampling_metadata.all_greedy or not generators:
+                    return original(logits, sampling_metadata, use_fp64_gumbel)
+                temperature = sampling_metadata.temperature  # [rows], rows = requests x drafts per pass
+                if not sampling_metadata.all_random:
+                    is_greedy = temperature < eps
+                    temperature = torch.where(is_greedy, 1.0, temperature)
+                logits.div_(temperature.view(-1, 1))
+                probs = logits.softmax(dim=-1, dtype=torch.float32)
+                q = noise_like(probs, use_fp64_gumbel)
+                q.exponential_()
+                rows_per_req = max(probs.shape[0] // max(len(sampling_metadata.temperature), 1), 1)
+                for i, gen in generators.items():  # batch index -> the request's torch.Generator
+                    q[i * rows_per_req:(i + 1) * rows_per_req].exponential_(generator=gen)
+                next_token_ids = sample(probs.clone(), q)
+                if not sampling_metadata.all_random:
+                    next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
+                return next_token_ids, probs
+
+            return compute_probs_and_sample_next_token
+
+        _wrap(lbp, "compute_probs_and_sample_next_token", make)
+        return True, "seeded llm_base_proposer.compute_probs_and_sample_next_token"
+
+    return _patch_once(_seed_fix_state, "LKSERVE_DISABLE_SEEDED_DRAFT_FIX", patch)
 
 
 def register_plugin() -> None:
