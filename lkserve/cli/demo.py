@@ -106,7 +106,7 @@ def worker_config(settings: Settings, redis_url: str, draft_dir: Path, out: Path
     return {"redis_url": redis_url, "cache_dir": str(out / "worker"), "base_draft": str(draft_dir),
             "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
             "consumer": "demo-worker", "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr,
-            "batch_positions": 512, "min_fresh_positions": 256, "grad_clip": t.grad_clip, "threads": 1,
+            "batch_positions": 512, "min_fresh_positions": 256, "warmup_steps": 8, "grad_clip": t.grad_clip, "threads": 1,
             "num_positions": settings.engine.num_speculative_tokens, "eval_every_steps": 4, "gate_min_rows": 128,
             "heldout_fraction": 0.1, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
             "public_url": f"http://127.0.0.1:{metrics_port}"}
