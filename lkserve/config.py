@@ -2,7 +2,9 @@
 
 Every field can be set by an environment variable: `LKSERVE_<SECTION>__<FIELD>` (e.g.
 `LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS=6`, `LKSERVE_REDIS__URL=redis://host:6379/0`), or top-level
-`LKSERVE_CACHE_DIR`. Sections are plain pydantic models so code can build them directly in tests.
+`LKSERVE_CACHE_DIR`; or in a file named by `LKSERVE_CONFIG` (or `lkserve --config FILE`): TOML, JSON or YAML with
+the same nesting (`[engine]` / `num_speculative_tokens = 6`). Precedence: CLI flags > environment > file > defaults.
+Sections are plain pydantic models so code can build them directly in tests.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 
 def default_cache_dir() -> Path:
@@ -99,6 +107,28 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        sources = [init_settings, env_settings, dotenv_settings, file_secret_settings]
+        path = os.environ.get("LKSERVE_CONFIG")
+        if path:
+            sources.append(config_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+def config_file_source(settings_cls, path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"LKSERVE_CONFIG: no such file {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    raise ValueError(f"LKSERVE_CONFIG: {path} is not .toml, .json, .yaml or .yml")
 
 
 def load_settings(**overrides) -> Settings:

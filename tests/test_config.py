@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from lkserve.config import load_settings
 
 
@@ -44,3 +46,47 @@ def test_default_cache_dir_follows_lkserve_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("LKSERVE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "lkserve" == load_settings().cache_dir
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".toml", "cache_dir = '{d}'\n[engine]\nnum_speculative_tokens = 6\n[gateway]\nport = 9001\n"),
+    (".json", '{{"cache_dir": "{d}", "engine": {{"num_speculative_tokens": 6}}, "gateway": {{"port": 9001}}}}'),
+    (".yaml", "cache_dir: {d}\nengine:\n  num_speculative_tokens: 6\ngateway:\n  port: 9001\n"),
+])
+def test_config_file_and_precedence(monkeypatch, tmp_path, suffix, text):
+    path = tmp_path / f"lkserve{suffix}"
+    path.write_text(text.format(d=tmp_path / "cache"))
+    monkeypatch.setenv("LKSERVE_CONFIG", str(path))
+    monkeypatch.delenv("LKSERVE_CACHE_DIR", raising=False)
+    s = load_settings()
+    assert (s.engine.num_speculative_tokens, s.gateway.port, s.cache_dir) == (6, 9001, tmp_path / "cache")
+    monkeypatch.setenv("LKSERVE_GATEWAY__PORT", "9002")  # environment beats the file
+    assert load_settings().gateway.port == 9002
+    assert load_settings(gateway={"port": 9003}).gateway.port == 9003  # explicit (CLI flags) beat both
+    assert load_settings().engine.num_speculative_tokens == 6  # untouched fields still come from the file
+
+
+def test_config_file_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("LKSERVE_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(FileNotFoundError):
+        load_settings()
+    (tmp_path / "c.ini").write_text("x")
+    monkeypatch.setenv("LKSERVE_CONFIG", str(tmp_path / "c.ini"))
+    with pytest.raises(ValueError, match="not .toml"):
+        load_settings()
+
+
+def test_cli_config_flag_and_bench():
+    from pathlib import Path
+
+    toml = Path(__file__).parent / "data-cli-config.toml"
+    toml.write_text("[engine]\nnum_speculative_tokens = 7\n")
+    try:
+        out = subprocess.run([sys.executable, "-m", "lkserve.cli", "--config", str(toml), "config", "show"],
+                             capture_output=True, text=True, check=True).stdout
+        assert json.loads(out)["engine"]["num_speculative_tokens"] == 7
+    finally:
+        toml.unlink()
+    run = subprocess.run([sys.executable, "-m", "lkserve.cli", "bench", "engine", "--help"], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0 and "--prompts" in run.stdout

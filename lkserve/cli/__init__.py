@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from lkserve.config import load_settings
 
@@ -69,6 +70,21 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = ("losses", "capture", "engine", "models")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The scripts live in the repository's bench/ (they are measurements, not library code)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        raise SystemExit(f"{script} not found: `lkserve bench` runs from a clone of the repository")
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lkserve.cli.demo import DemoConfig, run_demo
 
@@ -79,6 +95,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lkserve", description=__doc__)
+    parser.add_argument("--config", metavar="FILE",
+                        help="settings file (TOML, JSON or YAML; same as LKSERVE_CONFIG). Env vars and flags win.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect the effective configuration")
@@ -111,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="version to roll back to (default: the previous one)")
     rollback.set_defaults(func=cmd_draft_rollback)
 
+    bench = sub.add_parser("bench", help="run a benchmark script from bench/ (prints JSON)")
+    bench.add_argument("name", choices=BENCHES)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --help)")
+    bench.set_defaults(func=cmd_bench)
+
     demo = sub.add_parser("demo", help="the whole loop on this machine: embedded Redis, gateway, worker, traffic")
     demo.add_argument("--minutes", type=float, default=10.0, help="length of the traffic (default 10)")
     demo.add_argument("--clients", type=int, default=3, help="concurrent clients (default 3)")
@@ -125,5 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.config:  # through the environment, so the processes the demo starts read it too
+        os.environ["LKSERVE_CONFIG"] = os.path.abspath(args.config)
     return args.func(args)
 
