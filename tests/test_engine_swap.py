@@ -147,8 +147,8 @@ def test_corrupt_checkpoints_are_refused_and_old_draft_keeps_serving(spec_engine
     def missing(sd):
         del sd["model.layers.1.self_attn.o_proj.weight"]
 
-    def dtype(sd):
-        sd[name] = sd[name].to(torch.bfloat16)
+    def dtype(sd):  # an integer tensor where a float one belongs: not a draft checkpoint
+        sd[name] = sd[name].to(torch.int32)
 
     cases = {
         "nan": (_corrupt_copy(tiny.copy_draft, tmp_path / "nan", nan), None, "non-finite"),
@@ -174,6 +174,35 @@ def test_corrupt_checkpoints_are_refused_and_old_draft_keeps_serving(spec_engine
     assert res.ok and res.sha256 == good_sha
     spec_engine.use_draft("random")
     assert _probe(spec_engine) == before
+
+
+def test_swap_casts_a_checkpoint_stored_in_another_float_dtype(spec_engine, tiny, tmp_path):
+    """The live tiny draft is fp32; a bf16 copy of the target's weights (as a trainer publishing in the serving
+    dtype of a bf16 model would write) is cast on load and serves: acceptance jumps from the random draft's ~0 to
+    most drafts at T=0 (not all: bf16 rounding flips near-tied argmaxes of a random-init target)."""
+    spec_engine.use_draft("random")
+    engine = spec_engine.engine
+    prompts = prompt_ids(spec_engine, 3)
+
+    def rate():
+        out = spec_engine.generate_many([(p, _sp(temperature=0.0, max_tokens=32)) for p in prompts])
+        return sum(o.spec.accepted for o in out) / sum(o.spec.drafted for o in out)
+
+    random_rate = rate()
+
+    def to_bf16(sd):
+        for k in sd:
+            sd[k] = sd[k].to(torch.bfloat16)
+
+    path = _corrupt_copy(tiny.copy_draft, tmp_path / "bf16", to_bf16)
+    try:
+        res = spec_engine.run(engine.swap_draft(str(path), "target-bf16"))
+        assert res.ok, res.reason
+        bf16_rate = rate()
+        print(f"\nbf16 checkpoint swapped into an fp32 draft: acceptance {bf16_rate:.3f} (random draft {random_rate:.3f})")
+        assert random_rate < 0.2 and bf16_rate > 0.6
+    finally:
+        spec_engine.use_draft("random")
 
 
 def test_swap_on_engine_without_draft_is_refused(nospec_engine, tiny):

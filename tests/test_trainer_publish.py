@@ -59,6 +59,28 @@ def test_publish_writes_loadable_checkpoint_and_announces(tiny, redis_url, tmp_p
     assert reg.previous() is None  # never back to the rolled-back version by default
 
 
+def test_publish_stores_the_base_drafts_dtype(tiny, redis_url, tmp_path):
+    """The trainer keeps fp32 master weights; a version is written in the dtype the base draft (and so the engine)
+    uses, with the same tensor names (tied embeddings stay tied), and the trainer's copy is not touched."""
+    from lkserve.engine.vllm_adapter import safetensors_meta
+
+    base = tmp_path / "base-bf16"
+    load_draft(tiny.random_draft).to(torch.bfloat16).save_pretrained(str(base))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny.random_draft / f).is_file():
+            (base / f).write_bytes((tiny.random_draft / f).read_bytes())
+    reg = DraftRegistry(redis_url, "t-dtype")
+    register_base(reg, base)
+    model = load_draft(base)  # fp32
+    meta = publish(reg, model, base, tmp_path / "cache", announce=False)
+    got, ref = safetensors_meta(meta["path"]), safetensors_meta(base)
+    assert set(got) == set(ref)
+    assert {d for _, d in got.values()} == {"BF16"}
+    assert model.dtype == torch.float32
+    back = load_draft(meta["path"])
+    assert torch.equal(back.model.norm.weight, model.model.norm.weight.to(torch.bfloat16).float())
+
+
 def test_partial_dir_is_never_announced(tiny, redis_url, tmp_path):
     reg = DraftRegistry(redis_url, "t2")
     model = load_draft(tiny.random_draft)

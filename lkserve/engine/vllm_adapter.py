@@ -616,6 +616,9 @@ def safetensors_meta(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...]
     return meta
 
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
 class SwapError(Exception):
     pass
 
@@ -679,15 +682,29 @@ class DraftSwapper:
                 rshape, rdtype = self.ref_meta[name]
                 if shape != rshape:
                     raise SwapError(f"shape mismatch for {name}: {list(shape)} != live {list(rshape)}")
-                if dtype != rdtype:
+                # a trainer keeps fp32 master weights; any float dtype is fine (cast below, as vLLM's own loader
+                # casts at start-up), but a float tensor where the live one is not (or vice versa) is a wrong file
+                if dtype != rdtype and (dtype in _FLOAT_DTYPES) != (rdtype in _FLOAT_DTYPES):
                     raise SwapError(f"dtype mismatch for {name}: {dtype} != live {rdtype}")
         sd: dict[str, Any] = {}
         for f in files:
             sd.update(load_file(str(f), device="cpu"))
+        serving_dtype = self._serving_dtype()
         for name, t in sd.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise SwapError(f"non-finite values in {name}")
+            if t.is_floating_point():
+                if not bool(torch.isfinite(t).all()):
+                    raise SwapError(f"non-finite values in {name}")
+                if serving_dtype is not None and t.dtype != serving_dtype:
+                    t = t.to(serving_dtype)
+                    if not bool(torch.isfinite(t).all()):
+                        raise SwapError(f"{name} overflows the serving dtype {serving_dtype}")
+                    sd[name] = t
         return {"state_dict": sd, "sha256": actual}
+
+    def _serving_dtype(self):
+        spec = self.worker.vllm_config.speculative_config
+        cfg = getattr(spec, "draft_model_config", None) if spec is not None else None
+        return getattr(cfg, "dtype", None)
 
     def _apply(self, sd: dict) -> None:
         import torch

@@ -9,6 +9,7 @@ the file before telling anyone, so a partial directory is never announced.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from lkserve.trainer.registry import WEIGHTS_FILE, DraftRegistry, sha256_file
 
 METADATA_FILE = "lkserve-version.json"
+_SAFETENSORS_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
          "generation_config.json")
 
@@ -38,10 +40,31 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def checkpoint_float_dtype(model_dir: str | Path):
+    """The float dtype the checkpoint in `model_dir` is stored in (what the engine serves it in), or None."""
+    import torch
+
+    from lkserve.engine.vllm_adapter import safetensors_meta
+
+    counts: dict[str, int] = {}
+    for _name, (shape, dtype) in safetensors_meta(model_dir).items():
+        if dtype in _SAFETENSORS_TO_TORCH:
+            n = 1
+            for d in shape:
+                n *= d
+            counts[dtype] = counts.get(dtype, 0) + n
+    if not counts:
+        return None
+    return getattr(torch, _SAFETENSORS_TO_TORCH[max(counts, key=counts.get)])
+
+
 def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, version: str, metadata: dict | None = None,
                      _fail_after_weights: bool = False) -> tuple[Path, str]:
     """Save `model` as `<cache>/drafts/<version>` (HF layout, safetensors), copying tokenizer/generation files from
-    `source_dir` (the base draft). Returns (path, sha256 of model.safetensors). Atomic: temp dir + rename."""
+    `source_dir` (the base draft). Returns (path, sha256 of model.safetensors). Atomic: temp dir + rename.
+
+    Weights are stored in the base draft's dtype (bf16 for the default model), not the trainer's fp32 master
+    copy: half the bytes to write and ship, and the file is exactly what the engine will serve."""
     drafts = Path(cache_dir) / "drafts"
     drafts.mkdir(parents=True, exist_ok=True)
     final = drafts / version
@@ -51,7 +74,10 @@ def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, versi
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        dtype = checkpoint_float_dtype(source_dir)
+        to_save = model if dtype is None or dtype == model.dtype else copy.deepcopy(model).to(dtype)
+        to_save.save_pretrained(str(tmp), safe_serialization=True)
+        del to_save
         for name in _COPY:
             src = Path(source_dir) / name
             if src.is_file():
