@@ -70,7 +70,7 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("losses", "capture", "engine", "models")
+BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,68 @@
+"""The arithmetic of the benchmark scripts (the measurements themselves run from bench/, not in the suite)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sample(t, phase, version, accepted, drafted=100):
+    return {"t": t, "phase": phase, "version": version, "drafts": drafted // 4, "drafted": drafted,
+            "accepted": accepted, "tokens": 50, "seconds": 1.0}
+
+
+def test_domain_shift_recovery_counts_requests_until_within_5pct():
+    ds = _load("domain_shift")
+    samples = [_sample(t, "MT-bench", "base", 10) for t in range(20)]  # 0.10 before the shift
+    samples += [_sample(20 + t, "HumanEval", "v0001", 5) for t in range(10)]  # drops to 0.05
+    samples += [_sample(30 + t, "HumanEval", "v0002", 10) for t in range(20)]  # back to 0.10
+    out = ds.analyse({"samples": samples, "domain_shift_t": 20.0, "errors": 0}, window=10)
+    assert out["acceptance_pre_shift"] == 0.1
+    assert out["acceptance_just_after_shift"] == 0.05
+    # windows of 10 ending at post-shift request i: (10 - j) * 0.05 + j * 0.10 >= 0.095 first at j = 9 -> i = 19
+    assert out["recovery_within_5pct"]["requests_after_shift"] == 19
+    assert out["per_version"]["v0001"]["acceptance_by_phase"] == {"HumanEval": 0.05}
+    never = ds.analyse({"samples": samples[:30], "domain_shift_t": 20.0}, window=10)
+    assert never["recovery_within_5pct"] is None
+
+
+def test_adaptation_traffic_is_balanced_and_summary_compares_to_kl():
+    ad = _load("adaptation")
+    train = [("mtbench", [i]) for i in range(5)] + [("humaneval", [100 + i]) for i in range(50)]
+    reqs = ad.traffic(train, 40, 0)
+    assert len(reqs) == 40 and sum(d == "mtbench" for d, _ in reqs) == 20
+    assert ad.traffic(train, 40, 0) == reqs  # seeded
+    ev = {"initial": {"tau": 1.10, "acceptance_rate": 0.02, "tokens_per_s": 50.0},
+          "none": {"tokens_per_s": 100.0}}
+    training = {}
+    for loss, tau in (("kl", 1.20), ("lk_lambda", 1.26), ("lk_alpha", 1.23), ("tv", 1.22)):
+        for s, d in ((0, -0.01), (1, 0.0), (2, 0.01)):
+            ev[f"{loss}-s{s}"] = {"tau": tau + d, "acceptance_rate": 0.05, "tokens_per_s": 60.0}
+            training[f"{loss}-s{s}"] = {"heldout_offline": {"alpha": 0.1}}
+    table = ad.summarise({"vllm_heldout": ev, "training": training, "initial_offline": {"alpha": 0.07}}, [0, 1, 2])
+    assert table["lk_lambda"]["tau"]["mean"] == pytest.approx(1.26)
+    assert table["lk_lambda"]["tau"]["std"] == pytest.approx(0.01)
+    assert table["lk_lambda"]["tau_gain_vs_kl_pct"] == pytest.approx(5.0)
+    assert table["kl"]["tau_gain_vs_initial_pct"] == pytest.approx(9.09, abs=0.01)
+    assert table["initial"]["speedup_vs_none"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["adaptation", "domain_shift", "serving"])
+def test_bench_scripts_have_a_cli(name):
+    proc = subprocess.run([sys.executable, "-m", "lkserve.cli", "bench", name, "--help"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout
