@@ -73,7 +73,7 @@ def test_fetch_verifies_sha256_and_leaves_nothing_on_mismatch(worker_http, tmp_p
 
 @pytest.mark.slow
 def test_gateway_fetches_announced_version_and_swaps(worker_http, spec_engine, tmp_path):
-    registry, public, _ = worker_http
+    registry, _public, _ = worker_http
     spec_engine.use_draft("random")
     meta = registry.get("remote")
     manager = DraftManager(spec_engine.engine, fetch_dir=tmp_path / "fetched")

@@ -35,7 +35,7 @@ def make_handler(resolve):
     """resolve(version) -> registry metadata {"path", "sha256", ...} or None."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             parts = [unquote(p) for p in urlsplit(self.path).path.split("/") if p]
             try:
                 if parts == ["metrics"]:
@@ -80,7 +80,7 @@ def make_handler(resolve):
     return Handler
 
 
-def serve_worker_http(port: int, resolve, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
+def serve_worker_http(port: int, resolve, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Start the server on a daemon thread; `server.server_address` has the bound port (port 0 = any free one)."""
     server = ThreadingHTTPServer((host, port), make_handler(resolve))
     server.daemon_threads = True

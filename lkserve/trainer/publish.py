@@ -47,7 +47,7 @@ def checkpoint_float_dtype(model_dir: str | Path):
     from lkserve.engine.vllm_adapter import safetensors_meta
 
     counts: dict[str, int] = {}
-    for _name, (shape, dtype) in safetensors_meta(model_dir).items():
+    for shape, dtype in safetensors_meta(model_dir).values():
         if dtype in _SAFETENSORS_TO_TORCH:
             n = 1
             for d in shape:

@@ -115,7 +115,7 @@ class DraftTrainer:
     def loss_on(self, batch: Batch):
         logits = row_logits(self.model, batch) / batch.logit_temperature()[:, None]
         fn = LOSSES[self.loss_name]
-        kw = dict(gamma=self.gamma, num_positions=self.num_positions)
+        kw = {"gamma": self.gamma, "num_positions": self.num_positions}
         if self.loss_name == "lk_lambda":
             kw["eta"] = self.eta
         return fn(logits, batch.target, batch.draft_position, None, **kw)

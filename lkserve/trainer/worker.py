@@ -391,11 +391,11 @@ def config_from_settings(settings, **overrides) -> WorkerConfig:
         base = str(prepare_default_models(settings.cache_dir)[1])
     t = settings.trainer
     overrides.pop("_redis_handle", None)
-    kw = dict(redis_url=url, cache_dir=str(settings.cache_dir), base_draft=str(base), stream=settings.redis.stream,
-              key_prefix=settings.redis.key_prefix, group=t.consumer_group, loss=t.loss, eta=t.eta, gamma=t.gamma,
-              lr=t.lr, batch_positions=t.batch_positions, grad_clip=t.grad_clip, threads=t.threads,
-              num_positions=settings.engine.num_speculative_tokens, max_context=settings.engine.max_model_len,
-              metrics_port=t.metrics_port, public_url=t.public_url)
+    kw = {"redis_url": url, "cache_dir": str(settings.cache_dir), "base_draft": str(base),
+          "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
+          "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr, "batch_positions": t.batch_positions,
+          "grad_clip": t.grad_clip, "threads": t.threads, "num_positions": settings.engine.num_speculative_tokens,
+          "max_context": settings.engine.max_model_len, "metrics_port": t.metrics_port, "public_url": t.public_url}
     kw.update(overrides)
     return WorkerConfig(**kw)
 
