@@ -176,13 +176,18 @@ def train_variant(loss: str, seed: int, draft_dir: Path, records, heldout_record
     meta = {"version": version, "loss": loss, "seed": seed, "steps": args.steps, "positions": positions,
             "train_seconds": round(seconds, 1), "positions_per_s": round(positions / seconds, 1),
             "heldout_offline": {"alpha": round(ev.alpha_mean, 4), "tau_chain": round(ev.tau, 4),
-                                "alpha_per_position": [round(a, 4) for a in ev.alpha_per_position]},
+                                "alpha_per_position": finite(ev.alpha_per_position)},
             "curve": curve}
     meta_file.write_text(json.dumps(meta))
     return meta
 
 
 # ------------------------------------------------------------------------------------------------ summary
+def finite(values) -> list[float | None]:
+    """Strict JSON has no NaN: a position nothing reached is null."""
+    return [None if v != v else round(v, 4) for v in values]
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": round(statistics.mean(values), 4),
             "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
@@ -242,7 +247,8 @@ async def run(args) -> dict:
     try:
         train, held = split_prompts(engine.tokenizer, 0, args.heldout)
         # -- traffic with the initial draft: the training records and the held-out records --------------------
-        rec_file = work / f"records-{args.train_requests}-{args.max_tokens}.pkl"
+        rec_file = work / (f"records-{args.train_requests}-{args.max_tokens}"
+                           + (f"-h{args.heldout}" if args.heldout != 16 else "") + ".pkl")
         if rec_file.is_file():
             data = pickle.loads(rec_file.read_bytes())
         else:
@@ -271,7 +277,7 @@ async def run(args) -> dict:
         torch.set_num_threads(torch_threads)
         base_eval = evaluate(load_draft(str(draft_dir)), heldout_records, num_positions=args.k)
         out["initial_offline"] = {"alpha": round(base_eval.alpha_mean, 4), "tau_chain": round(base_eval.tau, 4),
-                                  "alpha_per_position": [round(a, 4) for a in base_eval.alpha_per_position]}
+                                  "alpha_per_position": finite(base_eval.alpha_per_position)}
         for loss in LOSSES:
             for seed in args.seeds:
                 log(f"training {loss} seed {seed} ({args.steps} steps) ...")
@@ -281,6 +287,11 @@ async def run(args) -> dict:
                     f"({meta['train_seconds']} s)")
 
         # -- measurement through vLLM: one engine, every version hot-swapped in --------------------------------
+        # (--eval-prompts: the first n held-out prompts of each set; the offline alpha above uses all of them)
+        n_eval = args.eval_prompts or args.heldout
+        held = [p for d in ("mtbench", "humaneval") for p in [h for h in held if h[0] == d][:n_eval]]
+        serve_kw["max_tokens"] = args.eval_max_tokens or args.max_tokens
+        out["vllm_eval"] = {"prompts_per_set": n_eval, "max_tokens": serve_kw["max_tokens"]}
         ev = out["vllm_heldout"]
         ev["initial"] = await serve(engine, held, seed=0, capture=False, tag="held-initial", **serve_kw)
         log(f"initial: {ev['initial']}")
@@ -305,6 +316,7 @@ async def run(args) -> dict:
     return out
 
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-requests", type=int, default=160)
@@ -317,6 +329,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per set served through vLLM "
+                    "for each version (default: all --heldout)")
+    ap.add_argument("--eval-max-tokens", type=int, default=None, help="tokens per held-out request (default "
+                    "--max-tokens)")
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="cache of records and checkpoints (default <cache>/bench/adaptation)")
     args = ap.parse_args()
@@ -324,11 +340,13 @@ def main() -> None:
         from lkserve.config import default_cache_dir
 
         args.work = str(Path(default_cache_dir()) / "bench" / "adaptation")
-    json_out, sys.stdout = sys.stdout, sys.stderr  # vLLM logs to stdout: keep stdout for the JSON alone
+    from lkserve.cli.bench_io import json_stdout
+
+    json_out = json_stdout()  # vLLM's child processes log to fd 1
     t0 = time.perf_counter()
     out = asyncio.run(run(args))
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out), file=json_out)
+    print(json.dumps(out, allow_nan=False), file=json_out)
 
 
 if __name__ == "__main__":

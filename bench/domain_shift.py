@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -95,6 +94,7 @@ def plot(summary: dict, path: Path, window: int) -> None:
     plt.close(fig)
 
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=12.0)
@@ -105,7 +105,9 @@ def main() -> None:
     ap.add_argument("--from-demo", default=None, help="analyse this finished demo directory instead of running")
     ap.add_argument("--plot", default=str(Path(__file__).parent / "results" / "domain_shift.png"))
     args = ap.parse_args()
-    json_out, sys.stdout = sys.stdout, sys.stderr  # vLLM and the live table print to stdout
+    from lkserve.cli.bench_io import json_stdout
+
+    json_out = json_stdout()  # vLLM's child processes log to fd 1
     if args.from_demo:
         summary = json.loads((Path(args.from_demo) / "summary.json").read_text())
     else:
@@ -116,7 +118,8 @@ def main() -> None:
     out = analyse(summary, args.window)
     out["config"] = summary.get("config")
     plot(summary, Path(args.plot), args.window)
-    out["plot"] = args.plot
+    out["plot"] = str(Path(args.plot).resolve().relative_to(Path.cwd().resolve())) \
+        if Path(args.plot).resolve().is_relative_to(Path.cwd().resolve()) else args.plot
     print(json.dumps(out), file=json_out)
 
 

@@ -78,6 +78,7 @@ async def bench_method(method: str, args, target_dir, draft_dir) -> dict:
         await engine.shutdown()
 
 
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=12)
@@ -87,7 +88,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--methods", nargs="+", default=["none", "draft_model", "ngram"])
     args = ap.parse_args()
-    json_out, sys.stdout = sys.stdout, sys.stderr  # vLLM logs to stdout: keep stdout for the JSON alone
+    from lkserve.cli.bench_io import json_stdout
+
+    json_out = json_stdout()  # vLLM's child processes log to fd 1
 
     from lkserve.config import default_cache_dir
     from lkserve.models.prepare import prepare_default_models

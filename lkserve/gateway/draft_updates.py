@@ -138,14 +138,17 @@ class DraftManager:
                 res = await self.engine.swap_draft(path, version, sha256=sha256)
                 ok, reason, seconds = bool(res.ok), (res.reason or None), float(res.seconds)
                 sha = getattr(res, "sha256", None) or sha256
+                split = (f"validate {getattr(res, 'validate_seconds', 0.0):.2f}s, "
+                         f"apply {getattr(res, 'apply_seconds', 0.0):.2f}s")
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 ok, reason, seconds, sha = False, f"swap raised {e!r}", time.perf_counter() - t0, sha256
+                split = ""
             entry = DraftHistoryEntry(version=version, path=path, sha256=sha, source=source, ok=ok,
                                       reason=reason if not ok else (reason or None), seconds=round(seconds, 4),
                                       at=time.time())
             self.history.append(entry)
             if ok:
-                log.info("draft %s now serving (%s, %.2fs)", version, source, seconds)
+                log.info("draft %s now serving (%s, %.2fs: %s)", version, source, seconds, split)
             else:
                 self.last_error = f"{version}: {reason}"
                 log.warning("draft %s refused (%s): %s; still serving %s", version, source, reason, self.version)
