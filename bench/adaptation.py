@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import pickle
 import random
@@ -185,7 +186,7 @@ def train_variant(loss: str, seed: int, draft_dir: Path, records, heldout_record
 # ------------------------------------------------------------------------------------------------ summary
 def finite(values) -> list[float | None]:
     """Strict JSON has no NaN: a position nothing reached is null."""
-    return [None if v != v else round(v, 4) for v in values]
+    return [None if math.isnan(v) else round(v, 4) for v in values]
 
 
 def spread(values: list[float]) -> dict:
