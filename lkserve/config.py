@@ -58,6 +58,12 @@ class CaptureSettings(BaseModel):
     queue_size: int = Field(4096, ge=1, description="records buffered in memory before dropping")
     max_positions_per_record: int = Field(512, ge=1, description="long requests are split into chunks")
     max_queue_bytes: int = Field(64 << 20, ge=1, description="writer queue cap in bytes, besides queue_size")
+    # EAGLE-3 engines only: also record what the head consumes, the target's aux hidden states ([n_aux * H] per
+    # context position; 3456 B at H=576, 24576 B at H=4096 in bf16), for `hidden_context` positions before each
+    # record's first drafted position. Off by default: records grow ~20-100x (docs/eagle3.md).
+    hidden_states: bool = Field(False, description="capture the target's aux hidden states (EAGLE-3 training)")
+    hidden_dtype: Literal["bf16", "fp16"] = "bf16"
+    hidden_context: int = Field(1024, ge=0, description="prefix positions of hidden states kept per record")
 
 
 class RedisSettings(BaseModel):

@@ -4,4 +4,4 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures_redis", "tests.fixtures_engine"]
+pytest_plugins = ["tests.fixtures_redis", "tests.fixtures_engine", "tests.fixtures_eagle3"]

@@ -8,6 +8,10 @@ that hold the record's largest value: a 49k vocabulary fits in 2 bytes, a 128k o
 position under 200 bytes at k=32 (k * (id bytes + 2) for the table, ~11 bytes for the rest); decoding always gives
 back the uint32 arrays of the contract. The version comes first so an old reader refuses a new record loudly
 instead of misreading it.
+
+Version 2 (optional EAGLE-3 hidden states) = version 1 plus a "hidden" entry in the header ({start, rows, dim,
+dtype}) and the [rows, dim] 16-bit words appended after the version-1 buffers. A record without hidden states is
+still written as version 1, so readers that only know version 1 keep reading them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import struct
 import msgpack
 import numpy as np
 
-from lkserve.capture.record import RECORD_FORMAT_VERSION, VerificationRecord
+from lkserve.capture.record import HIDDEN_DTYPES, RECORD_FORMAT_VERSION, VerificationRecord
 
 MAGIC = b"LKVR"
 _PREFIX = struct.Struct("<4sHI")  # magic, format version, header length
-SUPPORTED_VERSIONS = (RECORD_FORMAT_VERSION,)
+SUPPORTED_VERSIONS = (1, RECORD_FORMAT_VERSION)
 # Integer arrays that are narrowed to 2/3/4 bytes, in buffer order (after the float16 ones).
 _UINT_FIELDS = ("context_token_ids", "positions", "draft_token_ids", "topk_ids")
 
@@ -38,22 +42,27 @@ def encode(record: VerificationRecord) -> bytes:
         width, blob = _narrow(getattr(record, name))
         widths.append(width)
         uint_blobs.append(blob)
-    header = msgpack.packb(
-        {
-            "request_id": record.request_id,
-            "model_id": record.model_id,
-            "draft_version": record.draft_version,
-            "temperature": float(record.temperature),
-            "top_p": float(record.top_p),
-            "top_k": int(record.top_k),
-            "timestamp": float(record.timestamp),
-            "tags": {str(key): str(value) for key, value in record.tags.items()},
-            "shape": [int(record.context_token_ids.shape[0]), P, k],
-            "widths": widths,
-        }
-    )
+    hidden = _check_hidden(record)
+    fields = {
+        "request_id": record.request_id,
+        "model_id": record.model_id,
+        "draft_version": record.draft_version,
+        "temperature": float(record.temperature),
+        "top_p": float(record.top_p),
+        "top_k": int(record.top_k),
+        "timestamp": float(record.timestamp),
+        "tags": {str(key): str(value) for key, value in record.tags.items()},
+        "shape": [int(record.context_token_ids.shape[0]), P, k],
+        "widths": widths,
+    }
+    version = 1
+    if hidden is not None:
+        version = RECORD_FORMAT_VERSION
+        fields["hidden"] = {"start": int(record.hidden_start), "rows": int(hidden.shape[0]),
+                            "dim": int(hidden.shape[1]), "dtype": record.hidden_dtype}
+    header = msgpack.packb(fields)
     parts = [
-        _PREFIX.pack(MAGIC, RECORD_FORMAT_VERSION, len(header)),
+        _PREFIX.pack(MAGIC, version, len(header)),
         header,
         b"\0" * (-(_PREFIX.size + len(header)) % 4),  # keeps the float16 buffers aligned for frombuffer
         # float16 first (aligned), then the narrowed ints, then bytes.
@@ -64,6 +73,8 @@ def encode(record: VerificationRecord) -> bytes:
         np.ascontiguousarray(record.draft_index, dtype=np.uint8).tobytes(),
         np.packbits(np.asarray(record.accepted, dtype=bool)).tobytes(),
     ]
+    if hidden is not None:
+        parts.append(np.ascontiguousarray(hidden, dtype="<u2").tobytes())
     return b"".join(parts)
 
 
@@ -82,6 +93,8 @@ def decode(data: bytes) -> VerificationRecord:
         )
     try:  # from here on, any failure means corrupt bytes: one exception type for the reader to handle
         header = msgpack.unpackb(view[_PREFIX.size : _PREFIX.size + header_len])
+        if version == 1 and "hidden" in header:
+            raise RecordFormatError("corrupt capture record: version 1 with hidden states")
         return _decode_v1(header, view, _PREFIX.size + header_len)
     except RecordFormatError:
         raise
@@ -97,6 +110,12 @@ def _decode_v1(header: dict, view: memoryview, offset: int) -> VerificationRecor
     offset += -offset % 4
     counts = (C, P, P, P * k)  # elements of each _UINT_FIELDS array
     expected = offset + 2 * (P * k + 2 * P) + sum(w * n for w, n in zip(widths, counts)) + P + (P + 7) // 8
+    hid = header.get("hidden")
+    if hid is not None:
+        rows, dim = int(hid["rows"]), int(hid["dim"])
+        if rows < 0 or dim < 0 or int(hid["start"]) < 0 or hid["dtype"] not in HIDDEN_DTYPES:
+            raise RecordFormatError(f"corrupt capture record header: hidden {hid}")
+        expected += 2 * rows * dim
     if len(view) != expected:
         raise RecordFormatError(f"capture record is {len(view)} bytes, its header implies {expected}")
 
@@ -115,6 +134,10 @@ def _decode_v1(header: dict, view: memoryview, offset: int) -> VerificationRecor
     context, positions, draft_tokens, topk_ids = (_widen(take(n, w), w, n) for w, n in zip(widths, counts))
     draft_index = np.frombuffer(take(P, 1), dtype=np.uint8)
     accepted = np.unpackbits(np.frombuffer(take((P + 7) // 8, 1), dtype=np.uint8), count=P).astype(bool)
+    extra = {}
+    if hid is not None:  # unaligned after the bit-packed flags: copy into a fresh aligned array
+        words = np.frombuffer(take(rows * dim, 2), dtype="<u2").astype(np.uint16).reshape(rows, dim)
+        extra = {"hidden_states": words, "hidden_start": int(hid["start"]), "hidden_dtype": str(hid["dtype"])}
     return VerificationRecord(
         request_id=str(header["request_id"]),
         model_id=str(header["model_id"]),
@@ -133,6 +156,7 @@ def _decode_v1(header: dict, view: memoryview, offset: int) -> VerificationRecor
         top_k=int(header["top_k"]),
         timestamp=float(header["timestamp"]),
         tags=dict(header["tags"]),
+        **extra,
     )
 
 
@@ -150,6 +174,19 @@ def _check_shapes(record: VerificationRecord) -> tuple[int, int]:
     if record.context_token_ids.ndim != 1:
         raise ValueError(f"context_token_ids must be 1-D, got {record.context_token_ids.shape}")
     return P, k
+
+
+def _check_hidden(record: VerificationRecord) -> np.ndarray | None:
+    h = record.hidden_states
+    if h is None:
+        return None
+    if record.hidden_dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden_dtype must be one of {HIDDEN_DTYPES}, got {record.hidden_dtype!r}")
+    if h.ndim != 2 or h.dtype.itemsize != 2 or h.dtype.kind not in "uif":
+        raise ValueError(f"hidden_states must be [rows, dim] 16-bit words, got {h.dtype} {h.shape}")
+    if int(record.hidden_start) < 0:
+        raise ValueError(f"hidden_start must be >= 0, got {record.hidden_start}")
+    return h.view(np.uint16) if h.dtype != np.uint16 else h
 
 
 def _narrow(values: np.ndarray) -> tuple[int, bytes]:

@@ -8,6 +8,12 @@ the first rejection are not kept: the target scored them after a prefix that nev
 `context_token_ids` is the prompt plus every token emitted up to the record's last position, so a trainer can rebuild
 the draft's input without re-running the target: the target distribution at `positions[i]` predicts
 `context_token_ids[positions[i]]` from `context_token_ids[:positions[i]]`.
+
+Optional (EAGLE-3 deployments, format version 2): `hidden_states`, what an EAGLE-3 head consumes, the target's
+auxiliary hidden states (the layers in the head's `eagle_aux_hidden_state_layer_ids`, concatenated: [Ph, n_aux * H])
+at context positions hidden_start .. hidden_start + Ph - 1, stored as the raw 16-bit words of `hidden_dtype`
+("bf16" or "fp16"; numpy has no bfloat16, so the array is uint16). `hidden_states_array(record)` gives float32.
+Records without them are written in format version 1, which older readers still read.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-RECORD_FORMAT_VERSION = 1
+RECORD_FORMAT_VERSION = 2  # 2 adds the optional hidden states; records without them are still written as 1
+HIDDEN_DTYPES = ("bf16", "fp16")
 
 
 @dataclass
@@ -39,7 +46,37 @@ class VerificationRecord:
     top_k: int = -1  # the request's sampling top-k (-1 = off), not the capture's k
     timestamp: float = field(default_factory=time.time)
     tags: dict[str, str] = field(default_factory=dict)  # e.g. {"domain": "code", "tenant": "acme"}
+    hidden_states: np.ndarray | None = None  # [Ph, D] uint16: raw bf16/fp16 words of the target's aux hidden states
+    hidden_start: int = 0  # context position of hidden_states[0]
+    hidden_dtype: str = "bf16"
 
     @property
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
+
+
+def hidden_to_words(x, dtype: str = "bf16") -> np.ndarray:
+    """A float tensor/array [.., D] -> uint16 words of bf16 (round to nearest even, as torch casts) or fp16."""
+    import torch
+
+    if dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {dtype!r}")
+    t = torch.as_tensor(x).detach().to("cpu")
+    t = t.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def words_to_float(words: np.ndarray, dtype: str = "bf16") -> np.ndarray:
+    """Inverse of hidden_to_words, as float32."""
+    if dtype == "fp16":
+        return np.ascontiguousarray(words).view(np.float16).astype(np.float32)
+    if dtype == "bf16":
+        return (np.ascontiguousarray(words).astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {dtype!r}")
+
+
+def hidden_states_array(record: VerificationRecord) -> np.ndarray | None:
+    """The record's hidden states as float32 [Ph, D], or None."""
+    if record.hidden_states is None:
+        return None
+    return words_to_float(record.hidden_states, record.hidden_dtype)

@@ -18,13 +18,18 @@ def random_record(
     num_speculative_tokens: int = 4,
     request_id: str | None = None,
     tags: dict[str, str] | None = None,
+    hidden_dim: int = 0,
+    hidden_dtype: str = "bf16",
+    hidden_start: int = 0,
 ) -> VerificationRecord:
-    """Shapes and dtypes exactly as the engine produces them; the values are noise that sums like probabilities."""
+    """Shapes and dtypes exactly as the engine produces them; the values are noise that sums like probabilities.
+    hidden_dim > 0 adds EAGLE-3 hidden states (N(0, 1) in `hidden_dtype`) for context positions hidden_start ..
+    context_len - 2."""
     P = num_positions
     context_len = max(context_len, P + 1)
     logits = rng.standard_normal((P, k)).astype(np.float32) * 2
     probs = np.sort(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True) * 0.95, axis=-1)[:, ::-1]
-    return VerificationRecord(
+    record = VerificationRecord(
         request_id=request_id or f"req-{rng.integers(1 << 62):x}",
         model_id="HuggingFaceTB/SmolLM2-360M-Instruct",
         draft_version="draft-0001",
@@ -43,3 +48,10 @@ def random_record(
         top_p=0.95,
         tags=dict(tags or {}),
     )
+    if hidden_dim:
+        from lkserve.capture.record import hidden_to_words
+
+        rows = max(context_len - 1 - hidden_start, 0)
+        record.hidden_states = hidden_to_words(rng.standard_normal((rows, hidden_dim)).astype(np.float32), hidden_dtype)
+        record.hidden_start, record.hidden_dtype = hidden_start, hidden_dtype
+    return record

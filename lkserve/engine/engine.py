@@ -111,7 +111,15 @@ def _speculative_config(settings: EngineSettings, draft_dir: str | None) -> dict
             "rejection_sample_method": "standard",
         }
     if settings.method == "eagle3":
-        return {"method": "eagle3", "model": draft_dir, "num_speculative_tokens": k}
+        # draft_dir is an EAGLE-3 head (speculators layout, lkserve/models/eagle3.py); it drafts from the target's
+        # auxiliary hidden states, and its truncated vocabulary (d2t) is mapped back to target ids by vLLM.
+        return {
+            "method": "eagle3",
+            "model": draft_dir,
+            "num_speculative_tokens": k,
+            "draft_sample_method": settings.draft_sample_method,
+            "rejection_sample_method": "standard",
+        }
     raise ValueError(f"unknown speculative method {settings.method!r}")
 
 
@@ -207,6 +215,9 @@ class Engine:
                 "model_id": engine.model_id,
                 "sink": sink_spec or {"kind": "memory", "maxlen": capture.queue_size},
                 "initial_version": draft_version,
+                "hidden_states": capture.hidden_states and settings.method == "eagle3",
+                "hidden_dtype": capture.hidden_dtype,
+                "hidden_context": capture.hidden_context,
             }
             await engine._rpc("lkserve_configure_capture", cap_spec)
             info = await engine.draft_info()

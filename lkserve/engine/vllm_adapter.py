@@ -357,7 +357,8 @@ def _external_id(req_id: str, sampling_params) -> str:
 class _Acc:
     """Positions of one request accumulated since its last record."""
 
-    __slots__ = ("internal_id", "n", "parts", "request_id", "state", "tags", "temperature", "top_k", "top_p")
+    __slots__ = ("hid", "hid_base", "hid_valid", "internal_id", "n", "parts", "request_id", "state", "tags",
+                 "temperature", "top_k", "top_p")
 
     def __init__(self, internal_id: str, request_id: str, state, tags: dict[str, str]):
         sp = state.sampling_params
@@ -371,6 +372,58 @@ class _Acc:
         self.top_k = top_k if top_k > 0 else -1
         self.parts: list[tuple] = []
         self.n = 0
+        # EAGLE-3 capture: the target's aux hidden states of this request, by context position (hid_base = position
+        # of row 0), as 16-bit words; rows of rejected tokens are overwritten when the position is computed again
+        self.hid: np.ndarray | None = None
+        self.hid_base = 0
+        self.hid_valid: np.ndarray | None = None
+
+    def put_hidden(self, start: int, words: np.ndarray) -> None:
+        """Rows for context positions start .. start + len(words) - 1 (later writes win)."""
+        n, dim = words.shape
+        lo = start - self.hid_base
+        if lo < 0:  # positions already trimmed away
+            words, n, lo = words[-lo:], n + lo, 0
+            if n <= 0:
+                return
+        if self.hid is None or self.hid.shape[1] != dim:
+            self.hid = np.zeros((max(64, 2 * (lo + n)), dim), dtype=np.uint16)
+            self.hid_valid = np.zeros(self.hid.shape[0], dtype=bool)
+        if lo + n > self.hid.shape[0]:
+            cap = max(2 * self.hid.shape[0], lo + n)
+            hid = np.zeros((cap, dim), dtype=np.uint16)
+            hid[: self.hid.shape[0]] = self.hid
+            valid = np.zeros(cap, dtype=bool)
+            valid[: self.hid_valid.shape[0]] = self.hid_valid
+            self.hid, self.hid_valid = hid, valid
+        self.hid[lo: lo + n] = words
+        self.hid_valid[lo: lo + n] = True
+
+    def hidden_window(self, start: int, end: int) -> tuple[int, np.ndarray] | None:
+        """(first position, rows) for the longest fully-known range [s, end) with s >= start (a prefix-cache hit
+        leaves positions the target never computed for this request)."""
+        if self.hid is None or end <= start:
+            return None
+        lo, hi = start - self.hid_base, end - self.hid_base
+        lo = max(lo, 0)
+        if hi > self.hid.shape[0] or hi <= lo:
+            return None
+        valid = self.hid_valid[lo:hi]
+        if not valid[-1]:
+            return None
+        bad = np.nonzero(~valid)[0]
+        if len(bad):
+            lo += int(bad[-1]) + 1
+        return self.hid_base + lo, self.hid[lo:hi].copy()
+
+    def trim_hidden(self, keep_from: int) -> None:
+        """Forget rows before context position keep_from."""
+        if self.hid is None or keep_from <= self.hid_base:
+            return
+        cut = min(keep_from - self.hid_base, self.hid.shape[0])
+        self.hid = self.hid[cut:].copy()
+        self.hid_valid = self.hid_valid[cut:].copy()
+        self.hid_base += cut
 
 
 class CaptureState:
@@ -386,10 +439,15 @@ class CaptureState:
         self.max_requests = int(spec.get("max_tracked_requests", 4096))
         self.sink = make_capture_sink(spec.get("sink"), int(spec.get("queue_size", 4096)))
         self.draft_version = str(spec.get("draft_version", "base"))
+        # EAGLE-3: also keep the target's aux hidden states (what the head consumes) for `hidden_context` positions
+        # before each record's first position, as bf16/fp16 words
+        self.hidden = bool(spec.get("hidden_states", False))
+        self.hidden_dtype = str(spec.get("hidden_dtype", "bf16"))
+        self.hidden_context = int(spec.get("hidden_context", 1024))
         self.accs: dict[str, _Acc | None] = {}  # internal id -> accumulator, None = not captured
         self.pending_chunks: set[str] = set()
         self.stats = {"records": 0, "positions": 0, "dropped": 0, "errors": 0, "steps": 0,
-                      "hook_seconds": 0.0, "fallback_logits": 0}
+                      "hook_seconds": 0.0, "fallback_logits": 0, "hidden_rows": 0, "hidden_unavailable": 0}
         self._warned = False
 
     # -- decisions -------------------------------------------------------------------------------------------
@@ -425,10 +483,8 @@ class CaptureState:
         nd = md.num_draft_tokens
         rows = []  # (batch index, acc, start in the flat draft tensors, n drafts)
         start = 0
-        n_with_drafts = 0
         for i, n in enumerate(nd):
             if n:
-                n_with_drafts += 1
                 acc = self.acc_for(runner, req_ids[i])
                 if acc is not None:
                     rows.append((i, acc, start, n))
@@ -443,13 +499,24 @@ class CaptureState:
             target_logits = apply_sampling_constraints(
                 logits[md.target_logits_indices].to(torch.float32).clone(), md.cu_num_draft_tokens,
                 runner.input_batch.sampling_metadata)
-        draft_ids = md.draft_token_ids
-        if len(rows) < n_with_drafts:  # only the captured requests' rows
-            idx = torch.cat([torch.arange(s, s + n) for (_, _, s, n) in rows]).to(target_logits.device)
-            target_logits = target_logits[idx]
-            draft_ids = draft_ids[idx]
-            if draft_probs is not None:
-                draft_probs = draft_probs[idx]
+        # only the verified positions (accepted drafts + the first rejected one) are recorded: select them before
+        # the softmax/top-k, which with a weak draft is ~1 of K rows (the capture's cost scales with what it keeps)
+        sampled = sampler_output.sampled_token_ids.cpu().numpy()
+        keep, plan = [], []  # flat draft rows to process; (acc, verified, accepted) per captured request
+        for i, acc, s, n in rows:
+            v = int((sampled[i] != -1).sum())  # emitted tokens: accepted drafts + the recovered or bonus token
+            if v == 0:
+                continue
+            ver = min(v, n)
+            keep.extend(range(s, s + ver))
+            plan.append((acc, ver, v - 1))
+        if not keep:
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=target_logits.device)
+        target_logits = target_logits[idx]
+        draft_ids = md.draft_token_ids[idx]
+        if draft_probs is not None:
+            draft_probs = draft_probs[idx]
         with torch.no_grad():
             probs = torch.softmax(target_logits.to(torch.float32), dim=-1)
             k = min(self.top_k, probs.shape[-1])
@@ -463,17 +530,9 @@ class CaptureState:
         resid = resid.cpu().numpy().astype(np.float16)
         dids = draft_ids.cpu().numpy().astype(np.uint32)
         qn = q.cpu().numpy().astype(np.float16) if q is not None else None
-        sampled = sampler_output.sampled_token_ids.cpu().numpy()
 
         lo = 0
-        for i, acc, _s, n in rows:
-            row = sampled[i]
-            v = int((row != -1).sum())
-            if v == 0:
-                lo += n
-                continue
-            a = v - 1  # accepted drafts (the last valid token is the recovered or bonus token)
-            ver = min(a + 1, n)
+        for acc, ver, a in plan:
             st = runner.requests.get(acc.internal_id) or acc.state  # re-created state after a preemption
             acc.state = st
             p0 = len(st.prompt_token_ids) + len(st.output_token_ids)  # position of draft 0
@@ -491,7 +550,40 @@ class CaptureState:
             acc.n += ver
             if acc.n >= self.max_positions:
                 self.pending_chunks.add(acc.internal_id)
-            lo += n
+            lo += ver
+
+    def on_hidden(self, runner, scheduler_output, aux_hidden_states) -> None:
+        """After the target's forward (EAGLE-3 engines): store the aux hidden states of every token computed for a
+        captured request, by position. `aux_hidden_states`: vLLM's list of [num_tokens, H] tensors, one per layer in
+        the head's eagle_aux_hidden_state_layer_ids, in the order the drafter concatenates them."""
+        import torch
+
+        from lkserve.capture.record import hidden_to_words
+
+        total = int(scheduler_output.total_num_scheduled_tokens)
+        req_ids = runner.input_batch.req_ids
+        counts = scheduler_output.num_scheduled_tokens
+        qsl = runner.query_start_loc.cpu[: len(req_ids) + 1].numpy()
+        picks = []  # (acc, start row, n)
+        for i, rid in enumerate(req_ids):
+            n = int(counts.get(rid, 0))
+            if n == 0:
+                continue
+            acc = self.acc_for(runner, rid)
+            if acc is not None:
+                picks.append((acc, int(qsl[i]), n))
+        if not picks:
+            return
+        idx = torch.cat([torch.arange(a, a + n) for _, a, n in picks]).to(aux_hidden_states[0].device)
+        with torch.no_grad():
+            rows = torch.cat([h[:total][idx] for h in aux_hidden_states], dim=-1)
+            pos = runner.positions[:total][idx].cpu().numpy()
+        words = hidden_to_words(rows, self.hidden_dtype)
+        at = 0
+        for acc, _a, n in picks:
+            acc.put_hidden(int(pos[at]), words[at: at + n])
+            at += n
+        self.stats["hidden_rows"] += int(idx.numel())
 
     # -- emission --------------------------------------------------------------------------------------------
     def flush(self, runner, req_id: str, everything: bool) -> None:
@@ -515,6 +607,13 @@ class CaptureState:
             if last >= len(tokens) or (tokens[: last + 1] < 0).any():
                 self.stats["errors"] += 1  # context not known yet (should not happen without async scheduling)
                 continue
+            hidden = {}
+            if self.hidden:
+                win = acc.hidden_window(max(0, int(pos[0]) - 1 - self.hidden_context), last - 1)
+                if win is None:
+                    self.stats["hidden_unavailable"] += 1
+                else:
+                    hidden = {"hidden_start": win[0], "hidden_states": win[1], "hidden_dtype": self.hidden_dtype}
             rec = VerificationRecord(
                 request_id=acc.request_id,
                 model_id=self.model_id,
@@ -532,6 +631,7 @@ class CaptureState:
                 top_p=acc.top_p,
                 top_k=acc.top_k,
                 tags=dict(acc.tags),
+                **hidden,
             )
             try:
                 ok = self.sink.put(rec)
@@ -543,6 +643,8 @@ class CaptureState:
                 self.stats["positions"] += b - a
             else:
                 self.stats["dropped"] += 1
+        if self.hidden and emit_upto > 0:  # the next record needs at most hidden_context rows before its start
+            acc.trim_hidden(int(cols[0][emit_upto - 1]) - self.hidden_context - 1)
         if emit_upto >= total:
             acc.parts, acc.n = [], 0
         else:
@@ -568,6 +670,7 @@ class CaptureState:
     def info(self) -> dict[str, Any]:
         d = dict(self.stats)
         d.update(enabled=self.enabled, sample_rate=self.sample_rate, draft_version=self.draft_version,
+                 hidden_states=self.hidden, hidden_dtype=self.hidden_dtype, hidden_context=self.hidden_context,
                  tracked=sum(1 for a in self.accs.values() if a is not None),
                  sink_dropped=int(getattr(self.sink, "dropped", 0)),
                  sink_written=int(getattr(self.sink, "written", 0)),
@@ -581,6 +684,23 @@ class CaptureState:
 
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+# EAGLE-3 heads (speculators layout): top-level keys that must not change in a swap; the decoder layer's own
+# architecture is under transformer_layer_config and checked with _ARCH_KEYS
+_EAGLE3_KEYS = ("speculators_model_type", "draft_vocab_size", "target_hidden_size", "norm_before_residual",
+                "eagle_aux_hidden_state_layer_ids", "norm_before_fc", "fc_norm", "norm_output")
+
+
+def config_mismatch(cfg: dict, ref: dict) -> str | None:
+    """First architecture difference between a candidate draft config and the live one (None: compatible)."""
+    for key in _ARCH_KEYS + _EAGLE3_KEYS:
+        if key in cfg and key in ref and cfg[key] != ref[key]:
+            return f"config mismatch on {key}: {cfg[key]} != live {ref[key]}"
+    sub, rsub = cfg.get("transformer_layer_config"), ref.get("transformer_layer_config")
+    if isinstance(sub, dict) and isinstance(rsub, dict):
+        for key in _ARCH_KEYS:
+            if key in sub and key in rsub and sub[key] != rsub[key]:
+                return f"config mismatch on transformer_layer_config.{key}: {sub[key]} != live {rsub[key]}"
+    return None
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
@@ -621,6 +741,20 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 class SwapError(Exception):
     pass
+
+
+def shared_with_target(draft, target) -> set[str]:
+    """Names of draft parameters that ARE target parameters (same tensor storage), e.g. an EAGLE-3 head's
+    embed_tokens (vLLM shares the target's when the head has none). Names in checkpoint form (no leading model.)."""
+    if target is None:
+        return set()
+    ptrs = {p.data_ptr() for p in target.parameters() if p.numel()}
+    out = set()
+    for name, p in draft.named_parameters(remove_duplicate=False):
+        if p.numel() and p.data_ptr() in ptrs:
+            out.add(name)
+            out.add(name.removeprefix("model."))
+    return out
 
 
 class DraftSwapper:
@@ -668,10 +802,9 @@ class DraftSwapper:
                 raise SwapError(f"sha256 mismatch: expected {sha256}, got {actual}")
         cfg_file = path / "config.json"
         if cfg_file.exists() and self.ref_config:
-            cfg = json.loads(cfg_file.read_text())
-            for key in _ARCH_KEYS:
-                if key in cfg and key in self.ref_config and cfg[key] != self.ref_config[key]:
-                    raise SwapError(f"config mismatch on {key}: {cfg[key]} != live {self.ref_config[key]}")
+            bad = config_mismatch(json.loads(cfg_file.read_text()), self.ref_config)
+            if bad:
+                raise SwapError(bad)
         meta = safetensors_meta(path)
         if self.ref_meta:
             missing = sorted(set(self.ref_meta) - set(meta))
@@ -719,6 +852,12 @@ class DraftSwapper:
         if model is None:
             raise SwapError("this engine has no draft model")
         draft_cfg = self.worker.vllm_config.speculative_config.draft_model_config
+        shared = shared_with_target(model, runner.get_model())
+        clash = sorted(n for n in sd if any(n == s or n.endswith("." + s) or s.endswith("." + n) for s in shared))
+        if clash:
+            # EAGLE-3: vLLM shares the target's embedding (and lm_head, when the head's equals it at start-up) with
+            # the head; loading those names would overwrite the TARGET's weights
+            raise SwapError(f"checkpoint writes tensors the draft shares with the target: {clash[:3]}")
         with set_current_vllm_config(self.worker.vllm_config), torch.no_grad():
             initialize_layerwise_reload(model)
             model.load_weights(iter(sd.items()))
@@ -735,7 +874,7 @@ class DraftSwapper:
                "reason": "", "seconds": 0.0, "validate_seconds": 0.0, "apply_seconds": 0.0}
         try:
             if self.worker.model_runner.get_draft_model() is None:
-                raise SwapError("this engine has no draft model (method is not draft_model)")
+                raise SwapError("this engine has no draft model (method is not draft_model or eagle3)")
             checked = self._validate(Path(path), sha256)
             t1 = time.perf_counter()
             res["validate_seconds"] = t1 - t0
@@ -818,7 +957,23 @@ def _install_runner_hooks(worker) -> None:
                     cap.stats["errors"] += 1
                     logger.exception("lkserve: capture flush failed")
                 cap.stats["hook_seconds"] += time.perf_counter() - t0
-            return orig_execute(scheduler_output, *args, **kwargs)
+            out = orig_execute(scheduler_output, *args, **kwargs)
+            if cap is not None and cap.enabled and cap.hidden:
+                # EAGLE-3: the target's aux hidden states of this forward (GPUModelRunner.execute_model_state,
+                # consumed by sample_tokens -> propose_draft_token_ids right after)
+                state = getattr(runner, "execute_model_state", None)
+                aux = getattr(state, "aux_hidden_states", None) if state is not None else None
+                if aux:
+                    t0 = time.perf_counter()
+                    try:
+                        cap.on_hidden(runner, scheduler_output, aux)
+                    except Exception:
+                        cap.stats["errors"] += 1
+                        if not cap._warned:
+                            cap._warned = True
+                            logger.exception("lkserve: hidden-state capture failed (further errors are only counted)")
+                    cap.stats["hook_seconds"] += time.perf_counter() - t0
+            return out
 
     def sample_tokens(*args, **kwargs):
         with lock:
@@ -828,6 +983,18 @@ def _install_runner_hooks(worker) -> None:
     runner.execute_model = execute_model
     runner.sample_tokens = sample_tokens
     runner._lkserve_hooked = True
+
+
+def _aux_layers(runner) -> list[int] | None:
+    """The target layers whose hidden states feed an EAGLE-3 head (vLLM numbering), None without EAGLE-3."""
+    if not getattr(runner, "use_aux_hidden_state_outputs", False):
+        return None
+    model = runner.get_model()
+    for m in (model, getattr(model, "model", None)):
+        layers = getattr(m, "aux_hidden_state_layers", None)
+        if layers is not None:
+            return [int(x) for x in layers]
+    return None
 
 
 class LkserveWorkerExtension:
@@ -932,6 +1099,7 @@ class LkserveWorkerExtension:
             "seeded_draft_fix": dict(_seed_fix_state),
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
+            "aux_hidden_state_layers": _aux_layers(self.model_runner),
         }
 
 

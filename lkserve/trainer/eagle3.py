@@ -1,0 +1,495 @@
+"""EAGLE-3 heads in plain PyTorch: the module vLLM serves, unrolled for training (training-time test), and its
+online trainer and held-out evaluation from capture records that carry the target's auxiliary hidden states.
+
+The module mirrors `vllm/model_executor/models/llama_eagle3.py` (vLLM 0.32) exactly, with the same weight names,
+so a state dict saved from here loads in vLLM unchanged (speculators layout, see lkserve/models/eagle3.py):
+
+    fc.weight                                   [H, n_aux * H_target]   combine_hidden_states (applied once)
+    layers.0.input_layernorm.weight             [H]                     norm of the token embedding
+    layers.0.hidden_norm.weight                 [H]                     norm of the hidden-state input
+    layers.0.self_attn.{q,k,v}_proj.weight      [heads * head_dim, 2H]  attention over [embeds, hidden]
+    layers.0.self_attn.o_proj.weight            [H, heads * head_dim]
+    layers.0.post_attention_layernorm.weight    [H]
+    layers.0.mlp.{gate,up,down}_proj.weight     SiLU-gated MLP
+    norm.weight                                 [H]
+    lm_head.weight                              [V_draft, H]
+    d2t                                         [V_draft] int64 OFFSETS (target id - draft id); only if truncated
+    t2d                                         [V_target] bool (which target ids the draft vocabulary holds)
+
+The token embedding is the target's (frozen, never saved: vLLM shares the target's embedding when the head has none).
+
+How vLLM runs the head (llm_base_proposer.propose), with a_j the concatenated aux hidden states of the target at
+position j and x the tokens:
+- first pass, every position j the target verified: input (embed(x_{j+1}), fc(a_j)) at rotary position j; causal
+  attention over the head's KV of all earlier positions. The output at the last position drafts token 0.
+- step k >= 1: input (embed(draft k-1), h_{k-1}) where h_{k-1} is the previous step's pre-norm output, at rotary
+  position j + k; it attends to the first-pass KV of positions <= j and to the KV of its own earlier steps.
+Training-time test (TTT) unrolls exactly that for every position j of a window at once: step k's query at j attends
+to the step-0 keys at j' <= j (causal) and to the keys of steps 1..k at j ("diagonal"). With teacher forcing the
+tokens fed to step k are the context tokens x_{j+1+k}: the record only holds positions whose earlier drafts were
+accepted, so they are the draft tokens the head really saw. Step k at j predicts x_{j+2+k}.
+
+Every captured target distribution (at position p) is a label for EVERY step k (at j = p - 2 - k): the target's
+distribution of x_p given x_<p does not depend on which draft step proposed x_p. Per-step loss weights gamma^k.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lkserve import losses
+from lkserve.capture.record import VerificationRecord, hidden_states_array
+from lkserve.losses import SparseTarget
+from lkserve.trainer.examples import GREEDY_EPS, split_by_positions
+from lkserve.trainer.gate import EvalResult, chain_tau
+
+LOSSES = {
+    "lk_lambda": losses.lk_lambda_loss,
+    "lk_alpha": losses.lk_alpha_loss,
+    "kl": losses.kl_loss,
+    "tv": losses.tv_loss,
+}
+
+
+@dataclass
+class Eagle3Spec:
+    """Architecture of an EAGLE-3 head (one decoder layer)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    target_hidden_size: int
+    aux_layer_ids: list[int] = field(default_factory=list)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    norm_before_residual: bool = True  # the speculators default (vLLM reads it from the speculators config)
+    hidden_act: str = "silu"
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.aux_layer_ids) or 3
+
+    @property
+    def truncated(self) -> bool:
+        return self.draft_vocab_size != self.vocab_size
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, spec: Eagle3Spec):
+        super().__init__()
+        h, nh, nkv, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.q_proj = nn.Linear(2 * h, nh * hd, bias=False)
+        self.k_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        inv = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Neox-style rotary embedding. x [B, L, n, hd], pos [B, L] long."""
+        ang = pos.to(torch.float32)[..., None] * self.inv_freq  # [B, L, hd/2]
+        cos, sin = ang.cos()[:, :, None, :].to(x.dtype), ang.sin()[:, :, None, :].to(x.dtype)
+        x1, x2 = x[..., : self.hd // 2], x[..., self.hd // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor):
+        B, L, _ = x.shape
+        q = self.rope(self.q_proj(x).view(B, L, self.nh, self.hd), pos)
+        k = self.rope(self.k_proj(x).view(B, L, self.nkv, self.hd), pos)
+        v = self.v_proj(x).view(B, L, self.nkv, self.hd)
+        return q, k, v
+
+    def attend(self, q, k0, v0, extra_k: list, extra_v: list) -> torch.Tensor:
+        """q [B, L, nh, hd]; causal over step-0 keys k0/v0 [B, L, nkv, hd]; plus the same-position keys of every
+        earlier step (extra_k/extra_v, each [B, L, nkv, hd]). Returns [B, L, nh * hd]."""
+        B, L, nh, hd = q.shape
+        rep = nh // self.nkv
+        exp = lambda t: t.repeat_interleave(rep, dim=2)  # GQA: [B, L, nh, hd]
+        scale = 1.0 / math.sqrt(hd)
+        qh = q.transpose(1, 2)  # [B, nh, L, hd]
+        s0 = torch.matmul(qh, exp(k0).transpose(1, 2).transpose(-1, -2)) * scale  # [B, nh, L, L]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        s0 = s0.masked_fill(~causal, float("-inf"))
+        extras = [((q * exp(k)).sum(-1) * scale).transpose(1, 2)[..., None] for k in extra_k]  # [B, nh, L, 1]
+        w = torch.softmax(torch.cat([s0, *extras], dim=-1).float(), dim=-1).to(q.dtype)
+        out = torch.matmul(w[..., :L], exp(v0).transpose(1, 2))  # [B, nh, L, hd]
+        for i, v in enumerate(extra_v):
+            out = out + w[..., L + i: L + i + 1] * exp(v).transpose(1, 2)
+        return out.transpose(1, 2).reshape(B, L, nh * hd)
+
+
+class _MLP(nn.Module):
+    def __init__(self, spec: Eagle3Spec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, spec: Eagle3Spec):
+        super().__init__()
+        self.spec = spec
+        self.self_attn = _Attention(spec)
+        self.mlp = _MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.hidden_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def inputs(self, embeds: torch.Tensor, hidden: torch.Tensor):
+        """(attention input [.., 2H], residual [.., H]) exactly as vLLM's layer 0."""
+        e = self.input_layernorm(embeds)
+        if self.spec.norm_before_residual:
+            hidden = self.hidden_norm(hidden)
+            residual = hidden
+        else:
+            residual = hidden
+            hidden = self.hidden_norm(hidden)
+        return torch.cat([e, hidden], dim=-1), residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        residual = attn_out + residual
+        h = self.mlp(self.post_attention_layernorm(residual))
+        return h + residual  # pre-norm output (what the next step takes as its hidden input)
+
+
+class Eagle3Head(nn.Module):
+    """One-layer EAGLE-3 head; `embed_tokens` is the target's, frozen and not part of the saved state."""
+
+    def __init__(self, spec: Eagle3Spec, embed_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        if embed_weight is not None:
+            with torch.no_grad():
+                self.embed_tokens.weight.copy_(embed_weight)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(spec.num_aux * spec.target_hidden_size, spec.hidden_size, bias=False)
+        self.layers = nn.ModuleList([_Layer(spec)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.draft_vocab_size, bias=False)
+        # vocabulary map (speculators: d2t offsets, t2d mask); identity when not truncated
+        self.register_buffer("d2t", torch.zeros(spec.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(spec.vocab_size, dtype=torch.bool))
+
+    # -- vocabulary ------------------------------------------------------------------------------------------
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """target_ids [V_draft]: the target id of each draft token (ascending, distinct)."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long)
+        assert ids.shape == (self.spec.draft_vocab_size,)
+        self.d2t.copy_(losses.d2t_to_offsets(ids))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def d2t_map(self) -> torch.Tensor | None:
+        """Plain draft->target id map for the losses, None when the vocabulary is not truncated."""
+        return losses.d2t_from_offsets(self.d2t) if self.spec.truncated else None
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: everything but the (target's) embedding; d2t/t2d only if truncated."""
+        sd = {k: v.detach().clone().contiguous() for k, v in self.state_dict().items() if not k.startswith("embed_tokens")}
+        if not self.spec.truncated:
+            sd.pop("d2t"), sd.pop("t2d")
+        return sd
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("embed_tokens")]
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def unroll(self, tokens: torch.Tensor, aux: torch.Tensor, pos0: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+        """Training-time test. tokens [B, L + num_steps] with tokens[:, i] = x_{s+i} (s = window start), aux
+        [B, L, n_aux * H_t] = a_{s..s+L-1}, pos0 [B] = s. Returns num_steps pre-norm hidden states [B, L, H]:
+        step k at index j drafts x_{s+j+2+k}."""
+        _B, L, _ = aux.shape
+        layer = self.layers[0]
+        attn = layer.self_attn
+        ar = torch.arange(L, device=aux.device)
+        g = self.fc(aux.to(self.fc.weight.dtype))  # combine_hidden_states
+        keys, vals, outs = [], [], []
+        hidden = g
+        for k in range(num_steps):
+            emb = self.embed_tokens(tokens[:, 1 + k: 1 + k + L])
+            x, residual = layer.inputs(emb, hidden)
+            q, kk, vv = attn.qkv(x, pos0[:, None] + ar[None] + k)
+            if k == 0:
+                k0, v0 = kk, vv
+                o = attn.attend(q, k0, v0, [], [])
+            else:
+                keys.append(kk)
+                vals.append(vv)
+                o = attn.attend(q, k0, v0, keys, vals)
+            hidden = layer.after_attention(attn.o_proj(o), residual)
+            outs.append(hidden)
+        return outs
+
+    def logits(self, prenorm: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [.., V_draft] from pre-norm hidden states."""
+        return self.lm_head(self.norm(prenorm))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches from records with hidden states
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eagle3Batch:
+    tokens: torch.Tensor  # [B, L + K] long
+    aux: torch.Tensor  # [B, L, D] float
+    pos0: torch.Tensor  # [B] long: absolute position of index 0
+    row_b: torch.Tensor  # [N]
+    row_j: torch.Tensor  # [N]
+    step: torch.Tensor  # [N] long: TTT step k (the draft position of the row)
+    served: torch.Tensor  # [N] bool: the record's draft_index == step (the row is what serving drafted)
+    target: SparseTarget
+    temperature: torch.Tensor  # [N]
+    num_records: int
+    dropped_positions: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_b.shape[0])
+
+    def logit_temperature(self) -> torch.Tensor:
+        return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature <= GREEDY_EPS
+
+
+def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_context: int = 2048,
+                       all_steps: bool = True, dtype=torch.float32) -> Eagle3Batch:
+    """Rows for every labelled position p of every record and every step k < num_steps (all_steps) or only the
+    step that served it (draft_index). Records without hidden states are skipped (counted as dropped)."""
+    toks, auxs, pos0s, rb, rj, st, sv, ids, probs, resid, temps = ([] for _ in range(11))
+    dropped = 0
+    k_max = max((int(r.topk_ids.shape[1]) for r in records if r.num_positions), default=1)
+    for r in records:
+        hs = hidden_states_array(r)
+        if hs is None or r.num_positions == 0:
+            dropped += r.num_positions
+            continue
+        h0 = int(r.hidden_start)
+        n_h = hs.shape[0]
+        start = max(h0, h0 + n_h - max_context)
+        hs = hs[start - h0:]
+        L = hs.shape[0]
+        pos = np.asarray(r.positions, dtype=np.int64)
+        didx = np.asarray(r.draft_index, dtype=np.int64)
+        steps = range(num_steps) if all_steps else None
+        sel_i, sel_j, sel_k = [], [], []
+        for i, p in enumerate(pos):
+            ks = steps if steps is not None else ([int(didx[i])] if didx[i] < num_steps else [])
+            for k in ks:
+                j = int(p) - 2 - k - start
+                if 0 <= j < L:
+                    sel_i.append(i), sel_j.append(j), sel_k.append(k)
+        if not sel_i:
+            dropped += len(pos)
+            continue
+        b = len(toks)
+        ctx = np.asarray(r.context_token_ids, dtype=np.int64)
+        t = np.zeros(L + num_steps, dtype=np.int64)
+        seg = ctx[start: start + L + num_steps]
+        t[: len(seg)] = seg
+        toks.append(t)
+        auxs.append(torch.from_numpy(hs).to(dtype))
+        pos0s.append(start)
+        sel_i = np.asarray(sel_i)
+        n = len(sel_i)
+        rb.append(np.full(n, b))
+        rj.append(np.asarray(sel_j))
+        st.append(np.asarray(sel_k))
+        sv.append(didx[sel_i] == np.asarray(sel_k))
+        k = int(r.topk_ids.shape[1])
+        tid = np.full((n, k_max), -1, dtype=np.int64)
+        tpr = np.zeros((n, k_max), dtype=np.float32)
+        tid[:, :k] = r.topk_ids[sel_i]
+        tpr[:, :k] = r.topk_probs[sel_i].astype(np.float32)
+        ids.append(tid)
+        probs.append(tpr)
+        resid.append(np.clip(r.residual[sel_i].astype(np.float32), 0.0, 1.0))
+        temps.append(np.full(n, float(r.temperature), dtype=np.float32))
+    if not toks:
+        raise ValueError("no record with hidden states and usable positions")
+    Lm = max(a.shape[0] for a in auxs)
+    D = auxs[0].shape[1]
+    aux = torch.zeros(len(auxs), Lm, D, dtype=dtype)
+    tokens = torch.zeros(len(toks), Lm + num_steps, dtype=torch.long)
+    for i, (a, t) in enumerate(zip(auxs, toks)):
+        aux[i, : a.shape[0]] = a
+        tokens[i, : len(t)] = torch.from_numpy(t)
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs))
+    return Eagle3Batch(tokens=tokens, aux=aux, pos0=torch.tensor(pos0s, dtype=torch.long), row_b=cat(rb).long(),
+                       row_j=cat(rj).long(), step=cat(st).long(), served=cat(sv).bool(),
+                       target=SparseTarget(cat(ids), cat(probs), cat(resid)), temperature=cat(temps),
+                       num_records=len(toks), dropped_positions=dropped)
+
+
+def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
+    """Draft-vocabulary logits [N, V_draft] of the batch rows (not divided by temperature)."""
+    outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
+    stacked = torch.stack(outs, 0)  # [K, B, L, H]
+    return head.logits(stacked[batch.step, batch.row_b, batch.row_j])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (held-out alpha, exactly as the gate computes it for draft models)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def serving_q_on_target_ids(head: Eagle3Head, logits: torch.Tensor, batch: Eagle3Batch) -> torch.Tensor:
+    """q of the logged target ids [N, k]: softmax(logits / T) over the draft vocabulary (one-hot argmax for greedy
+    rows), 0 for ids outside the draft vocabulary or padding."""
+    q = F.softmax(logits.float() / batch.logit_temperature()[:, None], dim=-1)
+    g = batch.greedy
+    if g.any():
+        q[g] = F.one_hot(logits[g].argmax(-1), logits.shape[-1]).to(q.dtype)
+    ids = batch.target.ids
+    d2t = head.d2t_map
+    draft_ids = ids.long() if d2t is None else losses.target_to_draft_ids(ids, d2t)
+    out = q.gather(1, draft_ids.clamp_min(0))
+    return out.masked_fill((draft_ids < 0) | (ids < 0), 0.0)
+
+
+@torch.no_grad()
+def row_alphas(head: Eagle3Head, records, num_steps: int, batch_positions: int = 256, max_context: int = 2048,
+               served_only: bool = False):
+    alphas, steps = [], []
+    for group in split_by_positions(records, batch_positions):
+        try:
+            batch = build_eagle3_batch(group, num_steps, max_context, all_steps=not served_only)
+        except ValueError:
+            continue
+        q_ids = serving_q_on_target_ids(head, row_logits(head, batch, num_steps), batch)
+        alphas.append(torch.minimum(batch.target.probs, q_ids).sum(-1))
+        steps.append(batch.step)
+    if not alphas:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(alphas), torch.cat(steps)
+
+
+def evaluate_head(head: Eagle3Head, records, num_steps: int = 4, batch_positions: int = 256,
+                  max_context: int = 2048, served_only: bool = False) -> EvalResult:
+    """Held-out acceptance per draft step (a lower bound from the logged top-k, as for draft models)."""
+    was = head.training
+    head.eval()
+    alpha, step = row_alphas(head, records, num_steps, batch_positions, max_context, served_only)
+    head.train(was)
+    per, counts = [], []
+    for n in range(num_steps):
+        sel = alpha[step == n]
+        counts.append(int(sel.numel()))
+        per.append(float(sel.mean()) if sel.numel() else float("nan"))
+    mean = float(alpha.mean()) if alpha.numel() else float("nan")
+    return EvalResult(per, counts, mean, int(alpha.numel()), chain_tau(per))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eagle3StepResult:
+    step: int
+    loss: float
+    alpha_per_position: list
+    lambda_per_position: list | None
+    rows: int
+    seconds: float
+    lr: float
+
+
+class Eagle3Trainer:
+    """Online training of an EAGLE-3 head with LK-lambda / LK-alpha / KL / TV on TTT-unrolled steps.
+
+    `num_steps` = K draft positions unrolled (weights gamma^k). Truncated vocabularies go through the losses'
+    `d2t` (target mass outside the draft vocabulary counts as zero acceptance; p is never renormalised for the
+    LK/TV terms, only for KL)."""
+
+    def __init__(self, head: Eagle3Head, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
+                 lr: float = 3e-3, grad_clip: float = 1.0, num_steps: int = 4, max_context: int = 2048,
+                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        self.model = head
+        self.loss_name, self.eta, self.gamma = loss, eta, gamma
+        self.base_lr, self.grad_clip, self.num_steps = lr, grad_clip, num_steps
+        self.max_context, self.warmup_steps, self.all_steps = max_context, warmup_steps, all_steps
+        self.optimizer = torch.optim.AdamW(head.trainable_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.step_count = 0
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        return self.base_lr
+
+    def make_batch(self, records) -> Eagle3Batch:
+        return build_eagle3_batch(records, self.num_steps, self.max_context, self.all_steps)
+
+    def loss_on(self, batch: Eagle3Batch):
+        logits = row_logits(self.model, batch, self.num_steps) / batch.logit_temperature()[:, None]
+        kw = {"gamma": self.gamma, "num_positions": self.num_steps, "d2t": self.model.d2t_map}
+        if self.loss_name == "lk_lambda":
+            kw["eta"] = self.eta
+        return LOSSES[self.loss_name](logits, batch.target, batch.step, None, **kw)
+
+    def step(self, batch: Eagle3Batch) -> Eagle3StepResult:
+        t0 = time.perf_counter()
+        lr = self.lr_at(self.step_count)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        out = self.loss_on(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.grad_clip and self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        self.step_count += 1
+        nan_to_none = lambda t: [None if math.isnan(x) else float(x) for x in t.tolist()]
+        return Eagle3StepResult(self.step_count, float(out.loss.detach()), nan_to_none(out.alpha_per_position),
+                                None if out.lambda_per_position is None else nan_to_none(out.lambda_per_position),
+                                batch.num_rows, time.perf_counter() - t0, lr)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.saved_state(), "optimizer": self.optimizer.state_dict(), "step": self.step_count,
+                "loss": self.loss_name, "spec": asdict(self.model.spec)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
