@@ -915,6 +915,20 @@ class DraftSwapper:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _guarded(cap: CaptureState, what: str, fn, *args) -> None:
+    """Run a capture step inside vLLM's step: its cost is timed, and a failure is counted and logged once, never
+    raised into the engine."""
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    except Exception:
+        cap.stats["errors"] += 1
+        if not cap._warned:
+            cap._warned = True
+            logger.exception("lkserve: %s failed (further errors are only counted)", what)
+    cap.stats["hook_seconds"] += time.perf_counter() - t0
+
+
 def _install_runner_hooks(worker) -> None:
     runner = worker.model_runner
     if getattr(runner, "_lkserve_hooked", False):
@@ -935,15 +949,8 @@ def _install_runner_hooks(worker) -> None:
             out = orig_sample(logits, spec_decode_metadata)
         finally:
             _tls.slot = None
-        t0 = time.perf_counter()
-        try:
-            cap.on_step(runner, spec_decode_metadata, out, slot["target_logits"], slot["draft_probs"], logits)
-        except Exception:
-            cap.stats["errors"] += 1
-            if not cap._warned:
-                cap._warned = True
-                logger.exception("lkserve: capture hook failed (further errors are only counted)")
-        cap.stats["hook_seconds"] += time.perf_counter() - t0
+        _guarded(cap, "capture hook", cap.on_step, runner, spec_decode_metadata, out, slot["target_logits"],
+                 slot["draft_probs"], logits)
         return out
 
     def execute_model(scheduler_output, *args, **kwargs):
@@ -964,15 +971,7 @@ def _install_runner_hooks(worker) -> None:
                 state = getattr(runner, "execute_model_state", None)
                 aux = getattr(state, "aux_hidden_states", None) if state is not None else None
                 if aux:
-                    t0 = time.perf_counter()
-                    try:
-                        cap.on_hidden(runner, scheduler_output, aux)
-                    except Exception:
-                        cap.stats["errors"] += 1
-                        if not cap._warned:
-                            cap._warned = True
-                            logger.exception("lkserve: hidden-state capture failed (further errors are only counted)")
-                    cap.stats["hook_seconds"] += time.perf_counter() - t0
+                    _guarded(cap, "hidden-state capture", cap.on_hidden, runner, scheduler_output, aux)
             return out
 
     def sample_tokens(*args, **kwargs):

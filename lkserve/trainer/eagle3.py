@@ -36,7 +36,6 @@ distribution of x_p given x_<p does not depend on which draft step proposed x_p.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -47,8 +46,9 @@ from torch import nn
 from lkserve import losses
 from lkserve.capture.record import VerificationRecord, hidden_states_array
 from lkserve.losses import SparseTarget
-from lkserve.trainer.examples import GREEDY_EPS, split_by_positions
+from lkserve.trainer.examples import RowTemperature, split_by_positions
 from lkserve.trainer.gate import EvalResult, chain_tau
+from lkserve.trainer.train import StepResult, train_step
 
 LOSSES = {
     "lk_lambda": losses.lk_lambda_loss,
@@ -263,7 +263,7 @@ class Eagle3Head(nn.Module):
 
 
 @dataclass
-class Eagle3Batch:
+class Eagle3Batch(RowTemperature):
     tokens: torch.Tensor  # [B, L + K] long
     aux: torch.Tensor  # [B, L, D] float
     pos0: torch.Tensor  # [B] long: absolute position of index 0
@@ -275,17 +275,6 @@ class Eagle3Batch:
     temperature: torch.Tensor  # [N]
     num_records: int
     dropped_positions: int = 0
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.row_b.shape[0])
-
-    def logit_temperature(self) -> torch.Tensor:
-        return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
-
-    @property
-    def greedy(self) -> torch.Tensor:
-        return self.temperature <= GREEDY_EPS
 
 
 def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_context: int = 2048,
@@ -421,17 +410,6 @@ def evaluate_head(head: Eagle3Head, records, num_steps: int = 4, batch_positions
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Eagle3StepResult:
-    step: int
-    loss: float
-    alpha_per_position: list
-    lambda_per_position: list | None
-    rows: int
-    seconds: float
-    lr: float
-
-
 class Eagle3Trainer:
     """Online training of an EAGLE-3 head with LK-lambda / LK-alpha / KL / TV on TTT-unrolled steps.
 
@@ -466,24 +444,8 @@ class Eagle3Trainer:
             kw["eta"] = self.eta
         return LOSSES[self.loss_name](logits, batch.target, batch.step, None, **kw)
 
-    def step(self, batch: Eagle3Batch) -> Eagle3StepResult:
-        t0 = time.perf_counter()
-        lr = self.lr_at(self.step_count)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.model.train()
-        out = self.loss_on(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if self.grad_clip and self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.model.eval()
-        self.step_count += 1
-        nan_to_none = lambda t: [None if math.isnan(x) else float(x) for x in t.tolist()]
-        return Eagle3StepResult(self.step_count, float(out.loss.detach()), nan_to_none(out.alpha_per_position),
-                                None if out.lambda_per_position is None else nan_to_none(out.lambda_per_position),
-                                batch.num_rows, time.perf_counter() - t0, lr)
+    def step(self, batch: Eagle3Batch) -> StepResult:
+        return train_step(self, batch, self.model.trainable_parameters())
 
     def state_dict(self) -> dict:
         return {"model": self.model.saved_state(), "optimizer": self.optimizer.state_dict(), "step": self.step_count,

@@ -33,18 +33,11 @@ from lkserve.losses import SparseTarget
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperature below this is greedy
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, L] long
-    attention_mask: torch.Tensor  # [B, L] long
-    row_b: torch.Tensor  # [N] long
-    row_t: torch.Tensor  # [N] long
-    target: SparseTarget  # ids [N, k] long (-1 = padding), probs [N, k] fp32, residual [N] fp32
-    draft_position: torch.Tensor  # [N] long
-    temperature: torch.Tensor  # [N] fp32 (the request's; <= GREEDY_EPS means greedy)
-    record_index: torch.Tensor  # [N] long: which record of `records` the row came from
-    num_records: int
-    dropped_positions: int = 0
+class RowTemperature:
+    """Helpers of a batch with one target row per drafted position and its request's `temperature` [N]."""
+
+    row_b: torch.Tensor
+    temperature: torch.Tensor
 
     @property
     def num_rows(self) -> int:
@@ -57,6 +50,21 @@ class Batch:
     @property
     def greedy(self) -> torch.Tensor:
         return self.temperature <= GREEDY_EPS
+
+
+@dataclass
+class Batch(RowTemperature):
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    row_b: torch.Tensor  # [N] long
+    row_t: torch.Tensor  # [N] long
+    target: SparseTarget  # ids [N, k] long (-1 = padding), probs [N, k] fp32, residual [N] fp32
+    draft_position: torch.Tensor  # [N] long
+    temperature: torch.Tensor  # [N] fp32 (the request's; <= GREEDY_EPS means greedy)
+    record_index: torch.Tensor  # [N] long: which record of `records` the row came from
+    num_records: int
+    dropped_positions: int = 0
+
 
 
 def record_positions(record: VerificationRecord) -> int:

@@ -121,29 +121,7 @@ class DraftTrainer:
         return fn(logits, batch.target, batch.draft_position, None, **kw)
 
     def step(self, batch: Batch) -> StepResult:
-        t0 = time.perf_counter()
-        lr = self.lr_at(self.step_count)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.model.train()
-        out = self.loss_on(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if self.grad_clip and self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
-        self.optimizer.step()
-        self.model.eval()
-        self.step_count += 1
-        nan_to_none = lambda t: [None if math.isnan(x) else float(x) for x in t.tolist()]
-        return StepResult(
-            step=self.step_count,
-            loss=float(out.loss.detach()),
-            alpha_per_position=nan_to_none(out.alpha_per_position),
-            lambda_per_position=None if out.lambda_per_position is None else nan_to_none(out.lambda_per_position),
-            rows=batch.num_rows,
-            seconds=time.perf_counter() - t0,
-            lr=lr,
-        )
+        return train_step(self, batch, [p for p in self.model.parameters() if p.requires_grad])
 
     # -- state ------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -165,6 +143,34 @@ class DraftTrainer:
         self.load_trainable_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
+
+
+def train_step(trainer, batch, params: list) -> StepResult:
+    """One AdamW step on `trainer.loss_on(batch)` (draft-model and EAGLE-3 trainers alike): the scheduled learning
+    rate, backward, clipping of `params`, and what the step measured."""
+    t0 = time.perf_counter()
+    lr = trainer.lr_at(trainer.step_count)
+    for g in trainer.optimizer.param_groups:
+        g["lr"] = lr
+    trainer.model.train()
+    out = trainer.loss_on(batch)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if trainer.grad_clip and trainer.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip)
+    trainer.optimizer.step()
+    trainer.model.eval()
+    trainer.step_count += 1
+    nan_to_none = lambda t: [None if math.isnan(x) else float(x) for x in t.tolist()]
+    return StepResult(
+        step=trainer.step_count,
+        loss=float(out.loss.detach()),
+        alpha_per_position=nan_to_none(out.alpha_per_position),
+        lambda_per_position=None if out.lambda_per_position is None else nan_to_none(out.lambda_per_position),
+        rows=batch.num_rows,
+        seconds=time.perf_counter() - t0,
+        lr=lr,
+    )
 
 
 def copy_model(model):
