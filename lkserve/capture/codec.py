@@ -95,14 +95,14 @@ def decode(data: bytes) -> VerificationRecord:
         header = msgpack.unpackb(view[_PREFIX.size : _PREFIX.size + header_len])
         if version == 1 and "hidden" in header:
             raise RecordFormatError("corrupt capture record: version 1 with hidden states")
-        return _decode_v1(header, view, _PREFIX.size + header_len)
+        return _decode_body(header, view, _PREFIX.size + header_len)
     except RecordFormatError:
         raise
     except Exception as exc:
         raise RecordFormatError(f"corrupt capture record: {exc!r}") from exc
 
 
-def _decode_v1(header: dict, view: memoryview, offset: int) -> VerificationRecord:
+def _decode_body(header: dict, view: memoryview, offset: int) -> VerificationRecord:
     C, P, k = (int(n) for n in header["shape"])
     widths = [int(w) for w in header["widths"]]
     if min(C, P, k) < 0 or len(widths) != len(_UINT_FIELDS) or any(w not in (2, 3, 4) for w in widths):

@@ -46,16 +46,9 @@ from torch import nn
 from lkserve import losses
 from lkserve.capture.record import VerificationRecord, hidden_states_array
 from lkserve.losses import SparseTarget
-from lkserve.trainer.examples import RowTemperature, split_by_positions
-from lkserve.trainer.gate import EvalResult, chain_tau
-from lkserve.trainer.train import StepResult, train_step
-
-LOSSES = {
-    "lk_lambda": losses.lk_lambda_loss,
-    "lk_alpha": losses.lk_alpha_loss,
-    "kl": losses.kl_loss,
-    "tv": losses.tv_loss,
-}
+from lkserve.trainer.examples import RowTemperature, split_by_positions, target_rows
+from lkserve.trainer.gate import EvalResult, summarise
+from lkserve.trainer.train import LOSSES, StepResult, q_from_logits, train_step
 
 
 @dataclass
@@ -321,14 +314,10 @@ def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_co
         rj.append(np.asarray(sel_j))
         st.append(np.asarray(sel_k))
         sv.append(didx[sel_i] == np.asarray(sel_k))
-        k = int(r.topk_ids.shape[1])
-        tid = np.full((n, k_max), -1, dtype=np.int64)
-        tpr = np.zeros((n, k_max), dtype=np.float32)
-        tid[:, :k] = r.topk_ids[sel_i]
-        tpr[:, :k] = r.topk_probs[sel_i].astype(np.float32)
+        tid, tpr, res = target_rows(r, sel_i, k_max)
         ids.append(tid)
         probs.append(tpr)
-        resid.append(np.clip(r.residual[sel_i].astype(np.float32), 0.0, 1.0))
+        resid.append(res)
         temps.append(np.full(n, float(r.temperature), dtype=np.float32))
     if not toks:
         raise ValueError("no record with hidden states and usable positions")
@@ -361,10 +350,7 @@ def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Te
 def serving_q_on_target_ids(head: Eagle3Head, logits: torch.Tensor, batch: Eagle3Batch) -> torch.Tensor:
     """q of the logged target ids [N, k]: softmax(logits / T) over the draft vocabulary (one-hot argmax for greedy
     rows), 0 for ids outside the draft vocabulary or padding."""
-    q = F.softmax(logits.float() / batch.logit_temperature()[:, None], dim=-1)
-    g = batch.greedy
-    if g.any():
-        q[g] = F.one_hot(logits[g].argmax(-1), logits.shape[-1]).to(q.dtype)
+    q = q_from_logits(logits, batch)
     ids = batch.target.ids
     d2t = head.d2t_map
     draft_ids = ids.long() if d2t is None else losses.target_to_draft_ids(ids, d2t)
@@ -396,13 +382,7 @@ def evaluate_head(head: Eagle3Head, records, num_steps: int = 4, batch_positions
     head.eval()
     alpha, step = row_alphas(head, records, num_steps, batch_positions, max_context, served_only)
     head.train(was)
-    per, counts = [], []
-    for n in range(num_steps):
-        sel = alpha[step == n]
-        counts.append(int(sel.numel()))
-        per.append(float(sel.mean()) if sel.numel() else float("nan"))
-    mean = float(alpha.mean()) if alpha.numel() else float("nan")
-    return EvalResult(per, counts, mean, int(alpha.numel()), chain_tau(per))
+    return summarise(alpha, step, num_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,17 @@ def record_positions(record: VerificationRecord) -> int:
     return record.num_positions
 
 
+def target_rows(record: VerificationRecord, sel: np.ndarray, k_max: int):
+    """The logged target of positions `sel` of a record, padded to k_max columns: (ids [n, k_max] int64, -1 =
+    padding; probs [n, k_max] fp32; residual [n] fp32 clipped to [0, 1])."""
+    n, k = len(sel), int(record.topk_ids.shape[1])
+    ids = np.full((n, k_max), -1, dtype=np.int64)
+    probs = np.zeros((n, k_max), dtype=np.float32)
+    ids[:, :k] = record.topk_ids[sel]
+    probs[:, :k] = record.topk_probs[sel].astype(np.float32)
+    return ids, probs, np.clip(record.residual[sel].astype(np.float32), 0.0, 1.0)
+
+
 def build_batch(records: list[VerificationRecord], max_context: int = 2048, pad_id: int = 0,
                 num_positions: int | None = None) -> Batch:
     """One batch from whole records (split the record list by position budget with `split_by_positions`).
@@ -98,14 +109,10 @@ def build_batch(records: list[VerificationRecord], max_context: int = 2048, pad_
         n = len(sel)
         rows_b.append(np.full(n, b, dtype=np.int64))
         rows_t.append(pos[sel] - 1 - start)
-        k = int(r.topk_ids.shape[1])
-        tid = np.full((n, k_max), -1, dtype=np.int64)
-        tpr = np.zeros((n, k_max), dtype=np.float32)
-        tid[:, :k] = r.topk_ids[sel]
-        tpr[:, :k] = r.topk_probs[sel].astype(np.float32)
+        tid, tpr, res = target_rows(r, sel, k_max)
         ids.append(tid)
         probs.append(tpr)
-        resid.append(np.clip(r.residual[sel].astype(np.float32), 0.0, 1.0))
+        resid.append(res)
         dpos.append(np.asarray(r.draft_index[sel], dtype=np.int64))
         temps.append(np.full(n, float(r.temperature), dtype=np.float32))
         rec_idx.append(np.full(n, len(rec_idx), dtype=np.int64))  # index among kept records

@@ -69,16 +69,21 @@ def row_alphas(model, records: list[VerificationRecord], batch_positions: int = 
     return torch.cat(alphas), torch.cat(positions)
 
 
-def evaluate(model, records: list[VerificationRecord], num_positions: int = 4, batch_positions: int = 1024,
-             max_context: int = 2048) -> EvalResult:
-    alpha, pos = row_alphas(model, records, batch_positions, max_context, num_positions)
+def summarise(alpha: torch.Tensor, position: torch.Tensor, num_positions: int) -> EvalResult:
+    """EvalResult of per-row alphas [N] at draft positions [N] (draft-model and EAGLE-3 evaluations alike)."""
     per, counts = [], []
     for n in range(num_positions):
-        sel = alpha[pos == n]
+        sel = alpha[position == n]
         counts.append(int(sel.numel()))
         per.append(float(sel.mean()) if sel.numel() else float("nan"))
     mean = float(alpha.mean()) if alpha.numel() else float("nan")
     return EvalResult(per, counts, mean, int(alpha.numel()), chain_tau(per))
+
+
+def evaluate(model, records: list[VerificationRecord], num_positions: int = 4, batch_positions: int = 1024,
+             max_context: int = 2048) -> EvalResult:
+    alpha, pos = row_alphas(model, records, batch_positions, max_context, num_positions)
+    return summarise(alpha, pos, num_positions)
 
 
 @dataclass
