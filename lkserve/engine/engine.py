@@ -129,7 +129,7 @@ def _resolve_models(settings: EngineSettings) -> tuple[str, str | None]:
         from lkserve.config import default_cache_dir
         from lkserve.models.prepare import prepare_default_models
 
-        t, d = prepare_default_models(default_cache_dir())
+        t, d = prepare_default_models(default_cache_dir(), method=settings.method)
         target = target or str(t)
         draft = draft or str(d)
     return str(target), (str(draft) if draft else None)

@@ -9,7 +9,6 @@ the file before telling anyone, so a partial directory is never announced.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -59,12 +58,17 @@ def checkpoint_float_dtype(model_dir: str | Path):
 
 
 def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, version: str, metadata: dict | None = None,
-                     _fail_after_weights: bool = False) -> tuple[Path, str]:
-    """Save `model` as `<cache>/drafts/<version>` (HF layout, safetensors), copying tokenizer/generation files from
-    `source_dir` (the base draft). Returns (path, sha256 of model.safetensors). Atomic: temp dir + rename.
+                     save=None, _fail_after_weights: bool = False) -> tuple[Path, str]:
+    """Save `model` as `<cache>/drafts/<version>` with `save(model, dir, source_dir)` (default: a draft model in
+    HF layout), copying tokenizer/generation files from `source_dir` (the base draft). Returns (path, sha256 of
+    model.safetensors). Atomic: temp dir + rename.
 
     Weights are stored in the base draft's dtype (bf16 for the default model), not the trainer's fp32 master
     copy: half the bytes to write and ship, and the file is exactly what the engine will serve."""
+    if save is None:
+        from lkserve.trainer.drafts import DraftModelOps
+
+        save = DraftModelOps.save
     drafts = Path(cache_dir) / "drafts"
     drafts.mkdir(parents=True, exist_ok=True)
     final = drafts / version
@@ -74,10 +78,7 @@ def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, versi
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        dtype = checkpoint_float_dtype(source_dir)
-        to_save = model if dtype is None or dtype == model.dtype else copy.deepcopy(model).to(dtype)
-        to_save.save_pretrained(str(tmp), safe_serialization=True)
-        del to_save
+        save(model, tmp, source_dir)
         for name in _COPY:
             src = Path(source_dir) / name
             if src.is_file():
@@ -108,10 +109,10 @@ def clean_partial(cache_dir: str | Path) -> int:
 
 
 def publish(registry: DraftRegistry, model, source_dir: str | Path, cache_dir: str | Path,
-            metadata: dict | None = None, version: str | None = None, announce: bool = True) -> dict:
+            metadata: dict | None = None, version: str | None = None, announce: bool = True, save=None) -> dict:
     """write_checkpoint + register + announce. Returns the registry metadata of the new version."""
     version = version or registry.next_version()
-    path, sha = write_checkpoint(model, source_dir, cache_dir, version, metadata)
+    path, sha = write_checkpoint(model, source_dir, cache_dir, version, metadata, save=save)
     meta = registry.register(version, path, sha, metadata)
     if announce:
         registry.announce(version, reason="publish")

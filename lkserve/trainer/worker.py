@@ -49,14 +49,14 @@ from lkserve.metrics.worker import (
     M_STEPS,
     observe_stream,
 )
-from lkserve.trainer.examples import build_batch
+from lkserve.trainer.drafts import ops_for
 from lkserve.trainer.gate import Gate
 from lkserve.trainer.publish import clean_partial, publish, register_base
 from lkserve.trainer.registry import DraftRegistry
 from lkserve.trainer.replay import ReplayBuffer
 from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
 from lkserve.trainer.state import AckTracker, TrainingStateStore, read_own_pending
-from lkserve.trainer.train import DraftTrainer, copy_model, load_draft, set_threads
+from lkserve.trainer.train import set_threads
 
 log = logging.getLogger("lkserve.worker")
 
@@ -68,8 +68,10 @@ def _event(event: str, **fields) -> None:
 class WorkerConfig:
     redis_url: str
     cache_dir: str
-    base_draft: str  # HF checkpoint dir the engines start with
+    base_draft: str  # checkpoint dir the engines start with (a draft model, or an EAGLE-3 head)
     base_version: str = "base"
+    method: str = "draft_model"  # what base_draft is: "draft_model" or "eagle3" (as EngineSettings.method)
+    target_model: str | None = None  # the target's checkpoint dir; eagle3 needs it (the head shares its embedding)
     stream: str = "lkserve:capture"
     key_prefix: str = "lkserve"
     group: str = "lkserve-trainers"
@@ -83,7 +85,7 @@ class WorkerConfig:
     grad_clip: float = 1.0
     threads: int = 1
     # training (worker-only knobs)
-    train_params: str = "layers"
+    train_params: str = "layers"  # draft models only (an EAGLE-3 head trains all of its own weights)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     total_steps: int = 100_000
@@ -131,6 +133,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         set_threads(cfg.threads)
+        self.ops = ops_for(cfg)
         self.client = redis.Redis.from_url(cfg.redis_url)
         self.registry = DraftRegistry(self.client, cfg.key_prefix, public_url=cfg.public_url)
         self.reader = StreamReader(cfg.redis_url, cfg.stream, cfg.group, cfg.consumer,
@@ -163,10 +166,7 @@ class Worker:
         if state is None:  # no training state: continue from whatever serves now
             cur = self.registry.get(self.registry.current() or cfg.base_version)
             start_dir = cur["path"] if cur else cfg.base_draft
-        self.trainer = DraftTrainer(start_dir, loss=cfg.loss, eta=cfg.eta, gamma=cfg.gamma, lr=cfg.lr,
-                                    grad_clip=cfg.grad_clip, num_positions=cfg.num_positions,
-                                    train_params=cfg.train_params, lr_schedule=cfg.lr_schedule,
-                                    warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps)
+        self.trainer = self.ops.trainer(start_dir)
         restored = 0
         if state is not None:
             self.trainer.load_state_dict(state["trainer"])
@@ -184,14 +184,14 @@ class Worker:
         self._intake(pending)
         _event("worker_start", consumer=cfg.consumer, restored_checkpoint=state is not None,
                step=self.trainer.step_count, own_pending=len(pending), acked_from_checkpoint=restored,
-               removed_partial_dirs=removed, serving=self.serving_version, loss=cfg.loss)
+               removed_partial_dirs=removed, serving=self.serving_version, loss=cfg.loss, method=cfg.method)
 
     def _load_serving(self) -> None:
         version = self.registry.current() or self.cfg.base_version
         if version == self.serving_version:
             return
         meta = self.registry.get(version)
-        self.serving_model = load_draft(meta["path"]) if meta else copy_model(self.trainer.model)
+        self.serving_model = self.ops.load(meta["path"]) if meta else self.ops.copy(self.trainer.model)
         self.serving_version = version
 
     # -- loop -------------------------------------------------------------------------------------------------
@@ -251,6 +251,11 @@ class Worker:
                 continue
             self.tracker.hold(eid)
             self.monitor.observe(rec)
+            if self.cfg.method == "eagle3" and rec.num_positions and rec.hidden_states is None:
+                self.counters["records_without_hidden_states"] = self.counters.get("records_without_hidden_states", 0) + 1
+                if self.counters["records_without_hidden_states"] == 1:
+                    _event("warning", message="EAGLE-3 training needs records with the target's hidden states: "
+                                              "set LKSERVE_CAPTURE__HIDDEN_STATES=true on the gateways")
             side = self.replay.add(eid, rec)
             M_RECORDS.labels(side).inc()
             self.counters["records"] += 1
@@ -269,8 +274,8 @@ class Worker:
         fresh, replayed = self.replay.next_batch(self.cfg.batch_positions)
         records = [i.record for i in fresh] + replayed
         try:
-            batch = build_batch(records, self.cfg.max_context, num_positions=self.cfg.num_positions)
-        except ValueError:  # nothing usable (e.g. only position-0 rows)
+            batch = self.ops.batch(records)
+        except ValueError:  # nothing usable (e.g. only position-0 rows, or no hidden states for a head)
             self.tracker.absorb([i.entry_id for i in fresh])
             return
         res = self.trainer.step(batch)
@@ -309,7 +314,7 @@ class Worker:
         held = list(self.replay.heldout)
         if not held:
             return None
-        d = self.gate.decide(self.trainer.model, self.serving_model, held)
+        d = self.gate.compare(self.ops.evaluate(self.trainer.model, held), self.ops.evaluate(self.serving_model, held))
         for role, res in (("candidate", d.candidate), ("serving", d.serving)):
             M_HELD_ALPHA.labels(role).set(res.alpha_mean)
             M_HELD_TAU.labels(role).set(res.tau)
@@ -327,15 +332,16 @@ class Worker:
                 self.counters["rejected"] += 1
                 M_REJECTED.inc()
             return None
-        meta = publish(self.registry, self.trainer.model, self.cfg.base_draft, self.cfg.cache_dir, metadata={
-            "loss": self.cfg.loss, "eta": self.cfg.eta, "step": self.trainer.step_count,
+        meta = publish(self.registry, self.trainer.model, self.cfg.base_draft, self.cfg.cache_dir,
+                       save=self.ops.save, metadata={
+            "method": self.cfg.method, "loss": self.cfg.loss, "eta": self.cfg.eta, "step": self.trainer.step_count,
             "records_seen": self.counters["records"], "positions_trained": self.counters["positions_trained"],
             "heldout_alpha_before": d.serving.alpha_mean, "heldout_alpha_after": d.candidate.alpha_mean,
             "heldout_tau_before": d.serving.tau, "heldout_tau_after": d.candidate.tau,
             "heldout_rows": d.candidate.rows, "parent": self.serving_version,
             "train_params": self.cfg.train_params,
         })
-        self.serving_model = copy_model(self.trainer.model)
+        self.serving_model = self.ops.copy(self.trainer.model)
         self.serving_version = meta["version"]
         self.counters["published"] += 1
         M_PUBLISHED.inc()
@@ -384,14 +390,18 @@ def config_from_settings(settings, **overrides) -> WorkerConfig:
     if url is None:
         url, handle = resolve_redis_url(settings)
         overrides["_redis_handle"] = handle
+    method = overrides.pop("method", None) or settings.engine.method
     base = overrides.pop("base_draft", None) or settings.engine.draft_model
-    if base is None:
+    target = overrides.pop("target_model", None) or settings.engine.target_model
+    if base is None or (target is None and method == "eagle3"):  # a draft model trains without its target
         from lkserve.models.prepare import prepare_default_models
 
-        base = str(prepare_default_models(settings.cache_dir)[1])
+        default_target, default_draft = prepare_default_models(settings.cache_dir, method=method)
+        base, target = base or default_draft, target or default_target
     t = settings.trainer
     overrides.pop("_redis_handle", None)
-    kw = {"redis_url": url, "cache_dir": str(settings.cache_dir), "base_draft": str(base),
+    kw = {"redis_url": url, "cache_dir": str(settings.cache_dir), "base_draft": str(base), "method": method,
+          "target_model": str(target) if target else None,
           "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
           "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr, "batch_positions": t.batch_positions,
           "grad_clip": t.grad_clip, "threads": t.threads, "num_positions": settings.engine.num_speculative_tokens,
