@@ -123,3 +123,65 @@ def test_plain_torch_head_reproduces_vllm_draft_probabilities(e3, tiny, eagle3_h
     print(f"\nq(draft token): {len(dt)} rows {by_pos}, max |torch - vLLM| = {err.max():.2e}")
     assert by_pos[0] > 20 and by_pos[1] > 3  # step 0 and unrolled steps both checked
     assert err.max() < 5e-3
+
+
+def test_wrong_heads_are_refused_and_the_live_head_keeps_serving(e3, tiny, eagle3_heads, eagle3_reference, tmp_path):
+    """A swap validates an EAGLE-3 head against the live one before touching a weight: another draft vocabulary,
+    other aux layers, a plain draft model, a wrong tensor shape and a non-finite weight are all refused with a
+    reason, and the live head keeps serving (same T=0 tokens, same per-step acceptance)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lkserve.models.eagle3 import build_eagle3_head
+
+    e3.use_draft("random")
+    engine = e3.engine
+    version, sha = engine.draft_version, engine.draft_sha256
+    sp = _sp(temperature=0.0, max_tokens=eagle3_reference["max_tokens"])
+
+    def probe():
+        outs = e3.generate_many([(p, sp) for p in eagle3_reference["prompts"]])
+        return [(o.token_ids, o.spec.per_step_accepted) for o in outs]
+
+    before = probe()
+
+    def edited(name, edit_weights=None, edit_config=None):
+        out = tmp_path / name
+        shutil.copytree(eagle3_heads.random, out)
+        if edit_weights:
+            sd = load_file(str(out / "model.safetensors"))
+            edit_weights(sd)
+            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if edit_config:
+            cfg = json.loads((out / "config.json").read_text())
+            edit_config(cfg)
+            (out / "config.json").write_text(json.dumps(cfg))
+        return out
+
+    def narrow_fc(sd):
+        sd["fc.weight"] = sd["fc.weight"][:, :-8].contiguous()
+
+    def nan_norm(sd):
+        sd["norm.weight"] = sd["norm.weight"].clone()
+        sd["norm.weight"][0] = float("nan")
+
+    other_aux = build_eagle3_head(tiny.target, tmp_path / "aux", aux_layer_ids=[0, 2, 2], num_speculative_tokens=K,
+                                  init="random")
+    cases = {
+        "truncated vocabulary": (eagle3_heads.trunc, "draft_vocab_size"),
+        "other aux layers": (other_aux, "eagle_aux_hidden_state_layer_ids"),
+        "a draft model": (tiny.random_draft, "tensor names differ"),
+        "fc shape": (edited("fc", narrow_fc), "shape mismatch"),
+        "non-finite": (edited("nan", nan_norm), "non-finite"),
+        "other norm order": (edited("norm", edit_config=lambda c: c.update(norm_before_residual=False)),
+                             "norm_before_residual"),
+    }
+    for case, (path, reason) in cases.items():
+        res = e3.run(engine.swap_draft(str(path), f"bad-{case}"))
+        print(f"\n{case}: refused: {res.reason}")
+        assert not res.ok, case
+        assert reason in res.reason, (case, res.reason)
+        assert engine.draft_version == version and engine.draft_sha256 == sha
+    assert probe() == before
