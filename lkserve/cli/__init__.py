@@ -17,8 +17,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     from lkserve.models.prepare import prepare_default_models
 
-    target_dir, draft_dir = prepare_default_models(load_settings().cache_dir)
-    print(json.dumps({"target": str(target_dir), "draft": str(draft_dir)}))
+    settings = load_settings()
+    target_dir, draft_dir = prepare_default_models(settings.cache_dir, method=settings.engine.method)
+    print(json.dumps({"target": str(target_dir), "draft": str(draft_dir), "method": settings.engine.method}))
     return 0
 
 
@@ -89,11 +90,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lkserve.cli.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(minutes=args.minutes, clients=args.clients, temperature=args.temperature,
-                                  max_tokens=args.max_tokens, port=args.port, seed=args.seed, out_dir=args.out))
+                                  max_tokens=args.max_tokens, port=args.port, seed=args.seed, out_dir=args.out,
+                                  method=args.draft))
     return 0 if summary["requests"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lkserve.cli.demo import DEFAULT_METHOD
+
     parser = argparse.ArgumentParser(prog="lkserve", description=__doc__)
     parser.add_argument("--config", metavar="FILE",
                         help="settings file (TOML, JSON or YAML; same as LKSERVE_CONFIG). Env vars and flags win.")
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="output directory (default <cache>/demo/<time>)")
+    demo.add_argument("--draft", choices=("draft_model", "eagle3"), default=DEFAULT_METHOD,
+                      help=f"the draft to adapt: a 2-layer SmolLM2 draft model or a new EAGLE-3 head "
+                           f"(default {DEFAULT_METHOD}, chosen by measurement: README, 'Which draft')")
     demo.set_defaults(func=cmd_demo)
     return parser
 

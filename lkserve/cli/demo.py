@@ -29,6 +29,9 @@ import httpx
 
 from lkserve.config import Settings
 
+# The demo's default draft, chosen by measurement: bench/results/draft_choice.json (README, "Which draft").
+DEFAULT_METHOD = "draft_model"
+
 
 @dataclass
 class DemoConfig:
@@ -40,6 +43,7 @@ class DemoConfig:
     port: int = 0  # gateway port; 0 = a free one
     seed: int = 0
     out_dir: str | None = None  # default <cache>/demo/<timestamp>
+    method: str = DEFAULT_METHOD  # the draft: "draft_model" (2-layer SmolLM2) or "eagle3" (a new EAGLE-3 head)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class DemoState:
     worker: dict = field(default_factory=dict)
     phase: str = "MT-bench"
     shift_t: float | None = None
+    heldout: list[dict] = field(default_factory=list)  # the worker's gate evaluations over time
 
 
 # -------------------------------------------------------------------------------------------------- processes
@@ -100,12 +105,16 @@ class Child:
         self.log.close()
 
 
-def worker_config(settings: Settings, redis_url: str, draft_dir: Path, out: Path, metrics_port: int) -> dict:
-    """WorkerConfig fields tuned for a short CPU demo: small steps, frequent held-out evaluation."""
+def worker_config(settings: Settings, redis_url: str, draft_dir: Path, out: Path, metrics_port: int,
+                  method: str = "draft_model", target_dir: Path | None = None) -> dict:
+    """WorkerConfig fields tuned for a short CPU demo: small steps, frequent held-out evaluation. An EAGLE-3 head's
+    records carry the target's hidden states (~1 MB per SmolLM2 request), so it keeps fewer of them in memory."""
     t = settings.trainer
+    per_method = {"reservoir_records": 192, "heldout_records": 48} if method == "eagle3" else {}
     return {"redis_url": redis_url, "cache_dir": str(out / "worker"), "base_draft": str(draft_dir),
+            "method": method, "target_model": str(target_dir) if target_dir else None, **per_method,
             "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
-            "consumer": "demo-worker", "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr,
+            "consumer": "demo-worker", "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(method),
             "batch_positions": 512, "min_fresh_positions": 256, "warmup_steps": 8, "grad_clip": t.grad_clip, "threads": 1,
             "num_positions": settings.engine.num_speculative_tokens, "eval_every_steps": 4, "gate_min_rows": 128,
             "heldout_fraction": 0.1, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
@@ -181,6 +190,11 @@ async def watch(gateway: str, worker_metrics: str, state: DemoState, t0: float, 
                     last = version
             with contextlib.suppress(Exception):
                 state.worker = parse_worker_metrics((await http.get(worker_metrics)).text)
+                point = {k: state.worker.get(k) for k in ("heldout_tau_candidate", "heldout_tau_serving",
+                                                          "heldout_alpha_candidate", "heldout_alpha_serving", "steps")}
+                if point["heldout_tau_candidate"] is not None and (
+                        not state.heldout or {**state.heldout[-1], "t": None} != {**point, "t": None}):
+                    state.heldout.append({"t": round(time.monotonic() - t0, 1), **point})
             await asyncio.sleep(1)
 
 
@@ -325,10 +339,10 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
     console = Console()
     out = Path(cfg.out_dir or Path(settings.cache_dir) / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]lkserve demo[/bold]: {cfg.minutes:g} min, {cfg.clients} clients, T={cfg.temperature:g}; "
-                  f"output in {out}")
+    console.print(f"[bold]lkserve demo[/bold]: {cfg.minutes:g} min, {cfg.clients} clients, T={cfg.temperature:g}, "
+                  f"draft {cfg.method}; output in {out}")
     console.print("preparing the default models (SmolLM2-135M-Instruct + its draft; ~1 min the first time) ...")
-    target_dir, draft_dir = prepare_default_models(settings.cache_dir)
+    target_dir, draft_dir = prepare_default_models(settings.cache_dir, method=cfg.method)
     target = settings.engine.target_model or str(target_dir)
     draft = settings.engine.draft_model or str(draft_dir)
     port, metrics_port = cfg.port or free_port(), free_port()
@@ -343,9 +357,12 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
         pids["redis"] = redis.pid
         env = {**os.environ, "LKSERVE_REDIS__URL": redis.url, "LKSERVE_GATEWAY__PORT": str(port),
                "LKSERVE_GATEWAY__HOST": "127.0.0.1", "LKSERVE_ENGINE__TARGET_MODEL": target,
-               "LKSERVE_ENGINE__DRAFT_MODEL": draft, "LKSERVE_CACHE_DIR": str(settings.cache_dir)}
-        (out / "worker.json").write_text(json.dumps(worker_config(settings, redis.url, Path(draft), out,
-                                                                  metrics_port), indent=2))
+               "LKSERVE_ENGINE__DRAFT_MODEL": draft, "LKSERVE_ENGINE__METHOD": cfg.method,
+               "LKSERVE_CACHE_DIR": str(settings.cache_dir)}
+        if cfg.method == "eagle3":  # the head trains on the target's hidden states: capture them
+            env["LKSERVE_CAPTURE__HIDDEN_STATES"] = "true"
+        (out / "worker.json").write_text(json.dumps(worker_config(settings, redis.url, Path(draft), out, metrics_port,
+                                                                  cfg.method, Path(target)), indent=2))
         console.print(f"starting the gateway on {gateway} (vLLM, ~30 s) and the worker ...")
         children.append(Child("gateway", [sys.executable, "-m", "lkserve.cli", "serve"], env, out / "gateway.log"))
         children.append(Child("worker", [sys.executable, "-m", "lkserve.trainer", "--config",
@@ -364,6 +381,7 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
         redis.stop()
     summary = {"config": asdict(cfg), "target": target, "draft": draft, "requests": len(state.samples),
                "errors": state.errors, "domain_shift_t": state.shift_t, "swaps": state.swaps,
+               "heldout": state.heldout,
                "by_version": by_version(state.samples), "worker": state.worker,
                "by_phase": {p: by_version([s for s in state.samples if s.phase == p])
                             for p in ("MT-bench", "HumanEval")},

@@ -403,7 +403,7 @@ def config_from_settings(settings, **overrides) -> WorkerConfig:
     kw = {"redis_url": url, "cache_dir": str(settings.cache_dir), "base_draft": str(base), "method": method,
           "target_model": str(target) if target else None,
           "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
-          "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr, "batch_positions": t.batch_positions,
+          "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(method), "batch_positions": t.batch_positions,
           "grad_clip": t.grad_clip, "threads": t.threads, "num_positions": settings.engine.num_speculative_tokens,
           "max_context": settings.engine.max_model_len, "metrics_port": t.metrics_port, "public_url": t.public_url}
     kw.update(overrides)
