@@ -60,9 +60,33 @@ def test_adaptation_traffic_is_balanced_and_summary_compares_to_kl():
     assert table["initial"]["speedup_vs_none"] == 0.5
 
 
-@pytest.mark.parametrize("name", ["adaptation", "domain_shift", "serving"])
+@pytest.mark.parametrize("name", ["adaptation", "domain_shift", "serving", "draft_choice"])
 def test_bench_scripts_have_a_cli(name):
     proc = subprocess.run([sys.executable, "-m", "lkserve.cli", "bench", name, "--help"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout
+
+
+def _run(method, taus, accepted):
+    samples = [_sample(30.0 * i, "MT-bench", "base", a) for i, a in enumerate(accepted)]
+    held = [{"t": 30.0 * i, "heldout_tau_serving": t, "heldout_tau_candidate": t + 0.01, "steps": 4 * i}
+            for i, t in enumerate(taus)]
+    return {"config": {"method": method}, "requests": len(samples), "errors": 0, "samples": samples,
+            "heldout": held, "worker": {"steps": 40, "versions_published": 2}}
+
+
+def test_draft_choice_takes_the_higher_best_heldout_tau():
+    dc = _load("draft_choice")
+    model = dc.analyse(_run("draft_model", [1.05, 1.20, 1.15], [5, 10, 20]))
+    head = dc.analyse(_run("eagle3", [1.00, 1.10, 1.18], [0, 5, 25]))
+    assert model["best_heldout_tau"] == 1.2 and model["final_heldout_tau"] == 1.15
+    assert head["best_heldout_tau"] == 1.18
+    # 25 drafts per sample: served tau = 1 + accepted / drafts
+    assert head["served_tau_last_2min"] == round(1 + 30 / 75, 4)
+    assert [p["tau"] for p in head["served_curve"]] == [round(1 + 5 / 50, 4), 2.0]  # 60 s bins: (0, 30), (60)
+    assert dc.choose({"draft_model": model, "eagle3": head})["default"] == "draft_model"
+    head_wins = dc.analyse(_run("eagle3", [1.0, 1.3], [0, 5]))
+    assert dc.choose({"draft_model": model, "eagle3": head_wins})["default"] == "eagle3"
+    tie = dc.analyse(_run("eagle3", [1.2], [0]))
+    assert dc.choose({"eagle3": tie, "draft_model": model})["default"] == "draft_model"
