@@ -55,6 +55,7 @@ def analyse(summary: dict, last_seconds: float = 120.0) -> dict:
         "final_heldout_tau": round(serving[-1], 4) if serving else None,
         "served_tau_first_2min": served_tau([s for s in samples if s["t"] < last_seconds]),
         "served_tau_last_2min": served_tau([s for s in samples if s["t"] >= end - last_seconds]),
+        "tokens_per_s": round(sum(s["tokens"] for s in samples) / end, 1) if end else None,
         "heldout_curve": [{"t": h["t"], "steps": h.get("steps"), "tau_serving": round(h["heldout_tau_serving"], 4),
                            "tau_candidate": round(h["heldout_tau_candidate"], 4)} for h in held
                           if h.get("heldout_tau_serving") is not None],
@@ -76,12 +77,14 @@ def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
+    for color, (name, r) in zip(("tab:blue", "tab:orange", "tab:green"), results.items()):
         h = r["heldout_curve"]
-        a.step([p["t"] for p in h], [p["tau_serving"] for p in h], where="post", label=f"{name}: serving version")
-        a.plot([p["t"] for p in h], [p["tau_candidate"] for p in h], ls=":", alpha=0.6, label=f"{name}: candidate")
+        a.step([p["t"] for p in h], [p["tau_serving"] for p in h], where="post", color=color,
+               label=f"{name}: serving version")
+        a.plot([p["t"] for p in h], [p["tau_candidate"] for p in h], ls=":", alpha=0.6, color=color,
+               label=f"{name}: candidate")
         s = r["served_curve"]
-        b.plot([p["t"] for p in s], [p["tau"] for p in s], marker="o", label=name)
+        b.plot([p["t"] for p in s], [p["tau"] for p in s], marker="o", color=color, label=name)
     a.set_title("held-out tau (worker's gate)")
     b.set_title("served tau (API usage, 60 s bins)")
     for ax in (a, b):

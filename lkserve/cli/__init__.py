@@ -71,7 +71,7 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice")
+BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice", "eagle3_losses")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
