@@ -119,3 +119,38 @@ def test_gate_refuses_a_worse_candidate(tiny, recs):
     assert d2.publish, d2.reason
     assert not Gate(min_rows=10_000).decide(good.model, load_draft(tiny.random_draft), heldout).publish
     assert not math.isnan(d.candidate.tau)
+
+
+def test_eagle3_versions_keep_the_base_heads_config_dtype_and_vocabulary(tiny, tmp_path):
+    """A head version is the base head's config.json plus the trained weights in the base head's dtype, d2t/t2d
+    included, and it loads back to the trained weights."""
+    from safetensors import safe_open
+
+    from lkserve.models.eagle3 import build_eagle3_head
+    from lkserve.trainer.drafts import Eagle3Ops, ops_for
+    from lkserve.trainer.worker import WorkerConfig
+
+    base = build_eagle3_head(tiny.target, tmp_path / "base", draft_vocab_size=256, aux_layer_ids=[0, 1, 2],
+                             dtype=torch.bfloat16)
+    cfg = WorkerConfig(redis_url="redis://unused", cache_dir=str(tmp_path), base_draft=str(base), method="eagle3",
+                       target_model=str(tiny.target))
+    ops = ops_for(cfg)
+    assert isinstance(ops, Eagle3Ops) and ops.num_positions == cfg.num_positions
+    head = ops.load(base)
+    with torch.no_grad():
+        head.fc.weight.add_(0.25)
+    out = tmp_path / "v0001"
+    out.mkdir()
+    ops.save(head, out, base)
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        dtypes = {k: fh.get_tensor(k).dtype for k in fh.keys()}  # noqa: SIM118 - safe_open has no __contains__
+    assert dtypes["fc.weight"] == torch.bfloat16 and dtypes["d2t"] == torch.long and dtypes["t2d"] == torch.bool
+    back = ops.load(out)
+    assert torch.equal(back.d2t, head.d2t) and torch.equal(back.t2d, head.t2d)
+    assert torch.allclose(back.fc.weight, head.fc.weight, atol=0.02)
+    assert not torch.allclose(back.fc.weight, ops.load(base).fc.weight, atol=0.1)
+    with pytest.raises(ValueError, match="target_model"):
+        ops_for(WorkerConfig(redis_url="r", cache_dir=str(tmp_path), base_draft=str(base), method="eagle3"))
+    with pytest.raises(ValueError, match="ngram"):
+        ops_for(WorkerConfig(redis_url="r", cache_dir=str(tmp_path), base_draft=str(base), method="ngram"))

@@ -18,21 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass
-class DraftModelOps:
-    """A small causal LM drafting on its own (vLLM method "draft_model")."""
+@dataclass(kw_only=True)
+class TrainingKnobs:
+    """What both kinds take from WorkerConfig."""
 
     loss: str
     eta: float
     gamma: float
     lr: float
     grad_clip: float
-    num_positions: int
+    num_positions: int  # K
     max_context: int
     batch_positions: int
+    warmup_steps: int = 0
+
+
+@dataclass(kw_only=True)
+class DraftModelOps(TrainingKnobs):
+    """A small causal LM drafting on its own (vLLM method "draft_model")."""
+
     train_params: str = "layers"
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
     total_steps: int = 100_000
 
     def trainer(self, start_dir):
@@ -72,21 +78,12 @@ class DraftModelOps:
         to_save.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-@dataclass
-class Eagle3Ops:
+@dataclass(kw_only=True)
+class Eagle3Ops(TrainingKnobs):
     """An EAGLE-3 head (vLLM method "eagle3"): drafts from the target's aux hidden states, which the records must
     carry (CaptureSettings.hidden_states). `target_dir` supplies the frozen token embedding the head shares."""
 
     target_dir: str
-    loss: str
-    eta: float
-    gamma: float
-    lr: float
-    grad_clip: float
-    num_positions: int
-    max_context: int
-    batch_positions: int
-    warmup_steps: int = 0
 
     def trainer(self, start_dir):
         from lkserve.trainer.eagle3 import Eagle3Trainer
