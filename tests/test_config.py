@@ -90,3 +90,18 @@ def test_cli_config_flag_and_bench():
     run = subprocess.run([sys.executable, "-m", "lkserve.cli", "bench", "engine", "--help"], capture_output=True,
                          text=True, check=False)
     assert run.returncode == 0 and "--prompts" in run.stdout
+
+
+def test_worker_config_follows_the_engine_method_and_its_learning_rate(tmp_path):
+    from lkserve.config import EngineSettings, Settings, TrainerSettings
+    from lkserve.trainer.worker import config_from_settings
+
+    head = Settings(cache_dir=tmp_path, engine=EngineSettings(method="eagle3", target_model="/m/target",
+                                                              draft_model="/m/head"))
+    cfg = config_from_settings(head, redis_url="redis://unused")
+    assert (cfg.method, cfg.base_draft, cfg.target_model, cfg.lr) == ("eagle3", "/m/head", "/m/target", 1e-3)
+    model = Settings(cache_dir=tmp_path, engine=EngineSettings(draft_model="/m/draft"))
+    cfg = config_from_settings(model, redis_url="redis://unused")
+    assert (cfg.method, cfg.base_draft, cfg.target_model, cfg.lr) == ("draft_model", "/m/draft", None, 3e-3)
+    explicit = head.model_copy(update={"trainer": TrainerSettings(lr=5e-4)})
+    assert config_from_settings(explicit, redis_url="redis://unused").lr == 5e-4
