@@ -193,7 +193,7 @@ async def watch(gateway: str, worker_metrics: str, state: DemoState, t0: float, 
                 point = {k: state.worker.get(k) for k in ("heldout_tau_candidate", "heldout_tau_serving",
                                                           "heldout_alpha_candidate", "heldout_alpha_serving", "steps")}
                 if point["heldout_tau_candidate"] is not None and (
-                        not state.heldout or {**state.heldout[-1], "t": None} != {**point, "t": None}):
+                        not state.heldout or any(state.heldout[-1][k] != v for k, v in point.items())):
                     state.heldout.append({"t": round(time.monotonic() - t0, 1), **point})
             await asyncio.sleep(1)
 

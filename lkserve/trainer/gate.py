@@ -106,13 +106,18 @@ class Gate:
     "alpha_mean" or "tau"), with at least `min_rows` held-out positions."""
 
     def __init__(self, margin: float = 0.005, metric: str = "alpha_mean", min_rows: int = 64, num_positions: int = 4,
-                 batch_positions: int = 1024, max_context: int = 2048):
+                 batch_positions: int = 1024, max_context: int = 2048, evaluate=None):
+        """`evaluate(model, records) -> EvalResult` (default: a draft model's, with the three sizes above); the worker
+        passes its draft kind's (lkserve/trainer/drafts.py)."""
         if metric not in ("alpha_mean", "tau"):
             raise ValueError(f"gate metric must be alpha_mean or tau, got {metric!r}")
         self.margin, self.metric, self.min_rows = margin, metric, min_rows
         self.num_positions, self.batch_positions, self.max_context = num_positions, batch_positions, max_context
+        self._evaluate = evaluate
 
     def evaluate(self, model, records) -> EvalResult:
+        if self._evaluate is not None:
+            return self._evaluate(model, records)
         return evaluate(model, records, self.num_positions, self.batch_positions, self.max_context)
 
     def decide(self, candidate_model, serving_model, heldout: list[VerificationRecord],

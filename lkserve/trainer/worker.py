@@ -142,12 +142,11 @@ class Worker:
         self.tracker = AckTracker()
         self.replay = ReplayBuffer(cfg.heldout_fraction, cfg.heldout_records, cfg.reservoir_records,
                                    cfg.replay_ratio, cfg.seed)
-        self.gate = Gate(cfg.gate_margin, cfg.gate_metric, cfg.gate_min_rows, cfg.num_positions,
-                         cfg.batch_positions, cfg.max_context)
+        self.gate = Gate(cfg.gate_margin, cfg.gate_metric, cfg.gate_min_rows, evaluate=self.ops.evaluate)
         self.monitor = RollbackMonitor(cfg.rollback_window_tokens, cfg.rollback_margin)
         self.ledger: list[str] = []
         self.counters = {"records": 0, "heldout_records": 0, "positions_trained": 0, "published": 0,
-                         "rejected": 0, "rolled_back": 0}
+                         "rejected": 0, "rolled_back": 0, "records_without_hidden_states": 0}
         self.last_eval: dict = {}
         self.stopping = False
         self._steps_since_eval = 0
@@ -252,7 +251,7 @@ class Worker:
             self.tracker.hold(eid)
             self.monitor.observe(rec)
             if self.cfg.method == "eagle3" and rec.num_positions and rec.hidden_states is None:
-                self.counters["records_without_hidden_states"] = self.counters.get("records_without_hidden_states", 0) + 1
+                self.counters["records_without_hidden_states"] += 1
                 if self.counters["records_without_hidden_states"] == 1:
                     _event("warning", message="EAGLE-3 training needs records with the target's hidden states: "
                                               "set LKSERVE_CAPTURE__HIDDEN_STATES=true on the gateways")
@@ -314,7 +313,7 @@ class Worker:
         held = list(self.replay.heldout)
         if not held:
             return None
-        d = self.gate.compare(self.ops.evaluate(self.trainer.model, held), self.ops.evaluate(self.serving_model, held))
+        d = self.gate.decide(self.trainer.model, self.serving_model, held)
         for role, res in (("candidate", d.candidate), ("serving", d.serving)):
             M_HELD_ALPHA.labels(role).set(res.alpha_mean)
             M_HELD_TAU.labels(role).set(res.tau)
