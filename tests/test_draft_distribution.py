@@ -11,7 +11,8 @@ from lkserve.gateway.draft_fetch import FetchError, fetch_checkpoint
 from lkserve.gateway.draft_updates import DraftManager
 from lkserve.trainer.http import serve_worker_http
 from lkserve.trainer.publish import register_base
-from lkserve.trainer.registry import DraftRegistry, sha256_file
+from lkserve.checkpoint import sha256_file
+from lkserve.drafts import DraftRegistry
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ def _follow_announcement(handle, reg):
     """What the gateway's subscriber does with `<prefix>:drafts:latest`: swap to the announced version."""
     import json
 
-    raw = reg.client.get(reg.k["latest"])
+    raw = reg.client.get(reg.keys.latest)
     ann = json.loads(raw) if raw else None
     if ann is None or ann["version"] == handle.engine.draft_version:
         return None
@@ -183,7 +183,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     served acceptance rises. Then a broken head published past the gate is rolled back by the live monitor."""
     from lkserve.trainer.drafts import Eagle3Ops
     from lkserve.trainer.publish import publish
-    from lkserve.trainer.registry import DraftRegistry
+    from lkserve.drafts import DraftRegistry
     from lkserve.trainer.worker import Worker, WorkerConfig
 
     head, target = lmodels["head"], lmodels["tiny"].target

@@ -18,7 +18,7 @@ import torch
 from lkserve.capture.codec import encode
 from lkserve.capture.writer import FIELD
 from lkserve.trainer.publish import publish
-from lkserve.trainer.registry import DraftRegistry
+from lkserve.drafts import DraftRegistry
 from lkserve.trainer.train import load_draft
 from lkserve.trainer.worker import Worker, WorkerConfig
 
@@ -56,7 +56,7 @@ def _push(client, records):
 
 def _apply_announcement(h, reg):
     """What the gateway's subscriber does with `<prefix>:drafts:latest`."""
-    raw = reg.client.get(reg.k["latest"])
+    raw = reg.client.get(reg.keys.latest)
     if raw is None:
         return None
     ann = json.loads(raw)

@@ -46,7 +46,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _registry():
-    from lkserve.trainer.registry import DraftRegistry
+    from lkserve.drafts import DraftRegistry
 
     settings = load_settings()
     if not settings.redis.url:

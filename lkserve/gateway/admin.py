@@ -2,21 +2,30 @@
 adaptation, capture on/off and sampling rate.
 
 - GET  /admin/draft                       current version, sha256, subscriber state, last error, history
-- POST /admin/draft/promote   {version, path?, sha256?}   load a version (path omitted: a version seen before)
+- POST /admin/draft/promote   {version, path?, sha256?}   load a version (path omitted: a version known before)
 - POST /admin/draft/rollback  {version?}                  back to the previous (or a named) version
 - GET  /admin/adaptation                  {"paused": bool, "key": "<prefix>:adaptation:paused"}
 - POST /admin/adaptation/pause | /resume  sets that Redis key to "1" / "0" (the worker reads it)
 - GET  /admin/capture, PUT /admin/capture {enabled?, sample_rate?}   engine.set_capture
+
+With Redis, promote and rollback act through the draft registry (lkserve.drafts): the version is loaded here
+first (a refused checkpoint is never announced), then registered if new and announced, so every replica's
+subscriber and the worker's gate follow, and a resubscribe re-reads the promoted version from `drafts:latest`.
+Without Redis (standalone) they swap this gateway's engine only.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Request
 
+from lkserve.checkpoint import checkpoint_sha256
+from lkserve.drafts import AnnounceError
 from lkserve.gateway.errors import NOT_FOUND, UNAVAILABLE, APIError
 from lkserve.gateway.protocol import (
     AdaptationStatus,
@@ -41,6 +50,47 @@ def _swap_response(entry) -> SwapResponse:
     return SwapResponse(ok=True, version=entry.version, reason=entry.reason, seconds=entry.seconds)
 
 
+def _redis_error(e: Exception) -> APIError:
+    return APIError(503, f"Redis error: {e}", type=UNAVAILABLE, code="redis_unavailable")
+
+
+async def _register(registry, version: str, path: str, sha: str | None) -> str | None:
+    """Register a promoted version the registry does not know (its sha256 computed here when not given), before
+    it is loaded. A path that is not a directory here is left to the swap to refuse."""
+    if registry is None or not Path(path).is_dir():
+        return sha
+    try:
+        sha = sha or await asyncio.to_thread(checkpoint_sha256, path)
+        await registry.ensure_registered(version, path, sha)
+    except AnnounceError as e:
+        raise APIError(409, str(e), param="version", code="draft_version_conflict") from None
+    except redis.RedisError as e:
+        raise _redis_error(e) from None
+    return sha
+
+
+async def _announce(registry, version: str, path: str, reason: str, rollback: bool) -> None:
+    try:
+        if rollback:
+            await registry.rollback(version, reason, verify=Path(path).is_dir())
+        else:
+            await registry.announce(version, reason, verify=Path(path).is_dir())
+    except AnnounceError as e:
+        raise APIError(409, f"{version} loaded here but not announced: {e}", code="draft_announce_refused") from None
+    except redis.RedisError as e:
+        raise _redis_error(e) from None
+
+
+async def _switch(request: Request, version: str, path: str, sha: str | None, source: str,
+                  rollback: bool) -> SwapResponse:
+    state = request.app.state.gw
+    sha = await _register(state.registry, version, path, sha)
+    resp = _swap_response(await state.drafts.swap(version, path, sha, source))
+    if state.registry is not None:
+        await _announce(state.registry, version, path, source, rollback)
+    return resp
+
+
 @router.get("/draft", response_model=DraftStatus, responses=ERRORS)
 async def draft_status(request: Request) -> DraftStatus:
     return DraftStatus(**request.app.state.gw.drafts.status())
@@ -56,48 +106,53 @@ async def promote(body: PromoteRequest, request: Request) -> SwapResponse:
             raise APIError(404, f"unknown draft version {body.version!r}: give its path", type=NOT_FOUND,
                            param="version", code="draft_version_not_found")
         path, sha = known[0], sha or known[1]
-    return _swap_response(await drafts.swap(body.version, path, sha, "admin_promote"))
+    return await _switch(request, body.version, path, sha, "admin_promote", rollback=False)
 
 
 @router.post("/draft/rollback", response_model=SwapResponse, responses=ERRORS)
 async def rollback(request: Request, body: RollbackRequest | None = None) -> SwapResponse:
-    drafts = request.app.state.gw.drafts
-    version = body.version if body and body.version else drafts.previous_version()
+    state = request.app.state.gw
+    version = body.version if body and body.version else None
+    if version is None and state.registry is not None:
+        try:
+            version = await state.registry.previous()
+        except redis.RedisError as e:
+            raise _redis_error(e) from None
+    version = version or state.drafts.previous_version()
     if version is None:
         raise APIError(409, "no previous draft version to roll back to", code="no_previous_version")
-    known = await drafts.registry.resolve(version)
+    known = await state.drafts.registry.resolve(version)
     if known is None:
         raise APIError(404, f"unknown draft version {version!r}", type=NOT_FOUND, param="version",
                        code="draft_version_not_found")
-    return _swap_response(await drafts.swap(version, known[0], known[1], "admin_rollback"))
+    return await _switch(request, version, known[0], known[1], "admin_rollback", rollback=True)
 
 
-def _redis(request: Request):
+def _registry(request: Request):
     state = request.app.state.gw
-    if state.redis is None:
+    if state.registry is None:
         raise APIError(503, "Redis is not configured for this gateway", type=UNAVAILABLE, code="redis_unavailable")
-    return state.redis, state.adaptation_key
+    return state.registry
 
 
 async def _set_paused(request: Request, paused: bool) -> AdaptationStatus:
-    client, key = _redis(request)
+    registry = _registry(request)
     try:
-        await client.set(key, "1" if paused else "0")
-        await client.publish(f"{key.rsplit(':', 1)[0]}", json.dumps({"paused": paused}))
-    except Exception as e:  # noqa: BLE001
-        raise APIError(503, f"Redis error: {e}", type=UNAVAILABLE, code="redis_unavailable") from None
+        await registry.set_paused(paused)
+    except redis.RedisError as e:
+        raise _redis_error(e) from None
     log.info("adaptation %s by admin", "paused" if paused else "resumed")
-    return AdaptationStatus(paused=paused, key=key)
+    return AdaptationStatus(paused=paused, key=registry.keys.paused)
 
 
 @router.get("/adaptation", response_model=AdaptationStatus, responses=ERRORS)
 async def adaptation_status(request: Request) -> AdaptationStatus:
-    client, key = _redis(request)
+    registry = _registry(request)
     try:
-        value = await client.get(key)
-    except Exception as e:  # noqa: BLE001
-        raise APIError(503, f"Redis error: {e}", type=UNAVAILABLE, code="redis_unavailable") from None
-    return AdaptationStatus(paused=value in (b"1", "1"), key=key)
+        paused = await registry.is_paused()
+    except redis.RedisError as e:
+        raise _redis_error(e) from None
+    return AdaptationStatus(paused=paused, key=registry.keys.paused)
 
 
 @router.post("/adaptation/pause", response_model=AdaptationStatus, responses=ERRORS)

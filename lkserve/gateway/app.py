@@ -21,7 +21,8 @@ from lkserve.config import Settings
 from lkserve.gateway import admin, chat, completions, dashboard, health, models
 from lkserve.gateway.admission import Admission
 from lkserve.gateway.auth import Auth
-from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry, redis_registry
+from lkserve.drafts import AsyncDraftRegistry, DraftKeys, DraftRegistry
+from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry
 from lkserve.gateway.errors import APIError, api_error_response, install_exception_handlers
 from lkserve.gateway.protocol import CaptureStatus
 
@@ -36,9 +37,10 @@ class GatewayState:
     admission: Admission
     drafts: DraftManager
     capture: CaptureStatus
-    adaptation_key: str
+    keys: DraftKeys
     redis_url: str | None = None
-    redis: Any = None
+    redis: Any = None  # async client: the draft subscriber
+    registry: AsyncDraftRegistry | None = None  # None: standalone, admin promote/rollback act on this engine only
     started_at: float = field(default_factory=time.time)
 
 
@@ -69,7 +71,7 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
     `max_running` (requests in the engine at once) defaults to the engine's max_num_seqs."""
     settings = settings or Settings()
     gw = settings.gateway
-    prefix = settings.redis.key_prefix
+    keys = DraftKeys(settings.redis.key_prefix)
     if max_running is None:
         max_running = getattr(gw, "max_running_requests", None) or getattr(
             getattr(engine, "settings", None), "max_num_seqs", None) or settings.engine.max_num_seqs
@@ -79,9 +81,9 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
         settings=settings,
         auth=auth,
         admission=Admission(max_running, gw.max_queued_requests),
-        drafts=DraftManager(engine, channel=f"{prefix}:drafts", fetch_dir=Path(settings.cache_dir) / "drafts-fetched"),
+        drafts=DraftManager(engine, keys, fetch_dir=Path(settings.cache_dir) / "drafts-fetched"),
         capture=CaptureStatus(enabled=settings.capture.enabled, sample_rate=settings.capture.sample_rate),
-        adaptation_key=f"{prefix}:adaptation:paused",
+        keys=keys,
         redis_url=redis_url or settings.redis.url,
     )
 
@@ -92,14 +94,16 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
             import redis.asyncio as aioredis
 
             state.redis = aioredis.Redis.from_url(state.redis_url)
-            worker_registry = redis_registry(state.redis, prefix)
-            if worker_registry is not None:
-                state.drafts.registry = ChainRegistry(worker_registry, HistoryRegistry(state.drafts))
+            state.registry = AsyncDraftRegistry(DraftRegistry(state.redis_url, keys.prefix))
+            state.drafts.registry = ChainRegistry(state.registry, HistoryRegistry(state.drafts))
             state.drafts.start(state.redis)
         try:
             yield
         finally:
             await state.drafts.stop()
+            if state.registry is not None:
+                state.registry.close()
+                state.registry = None
             if state.redis is not None:
                 await state.redis.aclose()
                 state.redis = None

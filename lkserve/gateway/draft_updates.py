@@ -1,20 +1,16 @@
-"""Draft versions: the worker's announcements on Redis pub/sub become engine hot-swaps.
+"""Draft versions: announcements on Redis pub/sub (lkserve.drafts.Announcement) become engine hot-swaps.
 
-Announcement (published by the worker on `<key_prefix>:drafts`, JSON):
+Each announcement on `<prefix>:drafts` is handed to `engine.swap_draft(path, version, sha256)`. When `path` is not
+a directory on this machine and the announcement has a `url`, the checkpoint is first fetched over HTTP into
+`<fetch_dir>/<version>` and its sha256 checked (`draft_fetch.py`): gateways on other machines need no shared
+filesystem. A refused or failed swap leaves the old version serving; the reason is kept (`last_error`, the
+history, the log). Pub/sub loses messages sent while nobody listens, so on every (re)subscribe the subscriber also
+reads `<prefix>:drafts:latest` and applies it if it is not the version serving.
 
-    {"version": "v7", "path": "/cache/lkserve/drafts/v7", "sha256": "<hex of the checkpoint>",
-     "url": "http://worker:9100/drafts/v7"}                      # url: when the worker has a public_url
-
-Each one is handed to `engine.swap_draft(path, version, sha256)`. When `path` is not a directory on this machine
-and the announcement has a `url`, the checkpoint is first fetched over HTTP into `<fetch_dir>/<version>` and its
-sha256 checked (`draft_fetch.py`): gateways on other machines need no shared filesystem. A refused or failed swap leaves the old version
-serving; the reason is kept (`last_error`, the history, the log). Pub/sub loses messages sent while nobody listens,
-so on every (re)subscribe the subscriber also reads `<key_prefix>:drafts:latest` (same JSON) when the worker keeps
-it, and applies it if it is not the version serving.
-
-Promote/rollback from the admin API go through the same `DraftManager`, one swap at a time. Which versions exist
-and where their weights are is the worker's registry (`<prefix>:drafts:versions`, read through
-`lkserve.trainer.registry.AsyncDraftRegistry`); versions it does not know are resolved from the gateway's own history
+`<prefix>:drafts:current` / `:latest` are the one record of what serves: the worker's publishes and the admin
+API's promote/rollback both go through the registry (lkserve.drafts), so every replica and the worker's gate
+follow, and a resubscribe re-applies what the operator chose. Which versions exist is the registry's
+`<prefix>:drafts:versions`; versions it does not know are resolved from the gateway's own history
 (`HistoryRegistry`). Any object with `async resolve(version) -> (path, sha256) | None` is a `VersionRegistry`.
 """
 
@@ -22,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
+from lkserve.drafts import Announcement, DraftKeys
 from lkserve.gateway.protocol import DraftHistoryEntry
 
 log = logging.getLogger("lkserve.gateway.drafts")
@@ -70,49 +66,14 @@ class ChainRegistry:
         return None
 
 
-def redis_registry(async_client, key_prefix: str) -> VersionRegistry | None:
-    """The worker's registry (`<prefix>:drafts:versions`), when the trainer package is there."""
-    try:
-        from lkserve.trainer.registry import AsyncDraftRegistry
-    except ImportError:
-        return None
-    return AsyncDraftRegistry(async_client, key_prefix)
-
-
-class Announcement:
-    __slots__ = ("path", "sha256", "url", "version")
-
-    def __init__(self, version: str, path: str, sha256: str | None, url: str | None = None):
-        self.version, self.path, self.sha256, self.url = version, path, sha256, url
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> Announcement:
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"announcement is not JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError("announcement is not a JSON object")  # noqa: TRY004 - bad input, not a bad call
-        version, path, sha = data.get("version"), data.get("path"), data.get("sha256")
-        if not isinstance(version, str) or not version:
-            raise ValueError("announcement has no 'version' string")
-        if not isinstance(path, str) or not path:
-            raise ValueError("announcement has no 'path' string")
-        if sha is not None and not isinstance(sha, str):
-            raise ValueError("announcement 'sha256' is not a string")
-        url = data.get("url")
-        if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-            raise ValueError("announcement 'url' is not an http(s) URL")
-        return cls(version, path, sha or None, url or None)
-
-
 class DraftManager:
-    def __init__(self, engine, channel: str | None = None, history_len: int = 200,
+    def __init__(self, engine, keys: DraftKeys | None = None, history_len: int = 200,
                  registry: VersionRegistry | None = None, fetch_dir: str | Path | None = None):
+        """keys: the registry's Redis names (None: no subscriber)."""
         self.engine = engine
         self.fetch_dir = Path(fetch_dir) if fetch_dir else None  # where checkpoints fetched over HTTP go
-        self.channel = channel
-        self.latest_key = f"{channel}:latest" if channel else None
+        self.channel = keys.channel if keys else None
+        self.latest_key = keys.latest if keys else None
         self.history: deque[DraftHistoryEntry] = deque(maxlen=history_len)
         self.registry: VersionRegistry = registry or HistoryRegistry(self)
         self.last_error: str | None = None
@@ -133,26 +94,29 @@ class DraftManager:
     async def swap(self, version: str, path: str, sha256: str | None, source: str) -> DraftHistoryEntry:
         """Ask the engine to load a version; the entry says how it went. Never raises for a bad checkpoint."""
         async with self._lock:
-            t0 = time.perf_counter()
-            try:
-                res = await self.engine.swap_draft(path, version, sha256=sha256)
-                ok, reason, seconds = bool(res.ok), (res.reason or None), float(res.seconds)
-                sha = getattr(res, "sha256", None) or sha256
-                split = (f"validate {getattr(res, 'validate_seconds', 0.0):.2f}s, "
-                         f"apply {getattr(res, 'apply_seconds', 0.0):.2f}s")
-            except Exception as e:  # noqa: BLE001 - the old version keeps serving
-                ok, reason, seconds, sha = False, f"swap raised {e!r}", time.perf_counter() - t0, sha256
-                split = ""
-            entry = DraftHistoryEntry(version=version, path=path, sha256=sha, source=source, ok=ok,
-                                      reason=reason if not ok else (reason or None), seconds=round(seconds, 4),
-                                      at=time.time())
-            self.history.append(entry)
-            if ok:
-                log.info("draft %s now serving (%s, %.2fs: %s)", version, source, seconds, split)
-            else:
-                self.last_error = f"{version}: {reason}"
-                log.warning("draft %s refused (%s): %s; still serving %s", version, source, reason, self.version)
-            return entry
+            return await self._swap(version, path, sha256, source)
+
+    async def _swap(self, version: str, path: str, sha256: str | None, source: str) -> DraftHistoryEntry:
+        t0 = time.perf_counter()
+        try:
+            res = await self.engine.swap_draft(path, version, sha256=sha256)
+            ok, reason, seconds = bool(res.ok), (res.reason or None), float(res.seconds)
+            sha = getattr(res, "sha256", None) or sha256
+            split = (f"validate {getattr(res, 'validate_seconds', 0.0):.2f}s, "
+                     f"apply {getattr(res, 'apply_seconds', 0.0):.2f}s")
+        except Exception as e:  # noqa: BLE001 - the old version keeps serving
+            ok, reason, seconds, sha = False, f"swap raised {e!r}", time.perf_counter() - t0, sha256
+            split = ""
+        entry = DraftHistoryEntry(version=version, path=path, sha256=sha, source=source, ok=ok,
+                                  reason=reason if not ok else (reason or None), seconds=round(seconds, 4),
+                                  at=time.time())
+        self.history.append(entry)
+        if ok:
+            log.info("draft %s now serving (%s, %.2fs: %s)", version, source, seconds, split)
+        else:
+            self.last_error = f"{version}: {reason}"
+            log.warning("draft %s refused (%s): %s; still serving %s", version, source, reason, self.version)
+        return entry
 
     def previous_version(self) -> str | None:
         """The version that served before the current one (for rollback without a name)."""
@@ -171,16 +135,17 @@ class DraftManager:
             self.last_error = f"bad announcement: {e}"
             log.warning("ignoring draft announcement: %s", e)
             return None
-        if ann.version == self.version:
-            log.info("draft %s announced but already serving", ann.version)
-            return None
-        path = ann.path
-        if ann.url and not Path(ann.path).is_dir():
-            try:
-                path = str(await self._fetch(ann))
-            except Exception as e:  # noqa: BLE001 - keep serving the old version, say why
-                return self._refused(ann.version, ann.path, ann.sha256, source, f"fetch failed: {e}")
-        return await self.swap(ann.version, path, ann.sha256, source)
+        async with self._lock:  # compared under the lock: a swap in flight may be changing the version
+            if ann.version == self.version:
+                log.info("draft %s announced but already serving", ann.version)
+                return None
+            path = ann.path
+            if ann.url and not Path(ann.path).is_dir():
+                try:
+                    path = str(await self._fetch(ann))
+                except Exception as e:  # noqa: BLE001 - keep serving the old version, say why
+                    return self._refused(ann.version, ann.path, ann.sha256, source, f"fetch failed: {e}")
+            return await self._swap(ann.version, path, ann.sha256, source)
 
     async def _fetch(self, ann: Announcement) -> Path:
         from lkserve.gateway.draft_fetch import fetch_checkpoint
@@ -211,9 +176,6 @@ class DraftManager:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def wait_subscribed(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._subscribed.wait(), timeout)
-
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -235,7 +197,9 @@ class DraftManager:
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
-                        await self.handle_announcement(msg["data"])
+                        # drafts:latest, when kept, is newer than or equal to any message: a message that
+                        # waited behind a swap must not bring back an older version
+                        await self.handle_announcement(await redis_client.get(self.latest_key) or msg["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Redis gone: keep serving, retry

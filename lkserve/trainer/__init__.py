@@ -5,7 +5,7 @@ candidates on held-out acceptance, publishes versions, rolls back bad ones. See 
     run_worker(settings)                          # what `lkserve worker` calls
 """
 
-from lkserve.trainer.registry import DraftRegistry
+from lkserve.drafts import DraftRegistry
 
 
 def __getattr__(name):  # lazy: importing the registry must not pull in torch/transformers

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lkserve.checkpoint import checkpoint_float_dtype
+
 
 @dataclass(kw_only=True)
 class TrainingKnobs:
@@ -71,8 +73,6 @@ class DraftModelOps(TrainingKnobs):
 
     @staticmethod
     def save(model, out_dir: Path, source_dir) -> None:
-        from lkserve.trainer.publish import checkpoint_float_dtype
-
         dtype = checkpoint_float_dtype(source_dir)
         to_save = model if dtype is None or dtype == model.dtype else copy.deepcopy(model).to(dtype)
         to_save.save_pretrained(str(out_dir), safe_serialization=True)
@@ -118,7 +118,6 @@ class Eagle3Ops(TrainingKnobs):
         from safetensors.torch import save_file
 
         from lkserve.models.eagle3 import WEIGHTS
-        from lkserve.trainer.publish import checkpoint_float_dtype
 
         dtype = checkpoint_float_dtype(source_dir) or torch.float32
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.saved_state().items()}

@@ -1,7 +1,8 @@
 """Write a draft version atomically, register it, announce it.
 
-    <cache>/drafts/<version>/           config.json, model.safetensors, tokenizer files, lkserve-version.json
-    <cache>/drafts/.tmp-<version>-<pid> while being written; renamed into place only when complete and fsynced
+    <cache>/drafts/<version>/            config.json, model.safetensors, tokenizer files, lkserve-version.json
+    <cache>/drafts/.<version>.tmp-XXXX   while being written (lkserve.checkpoint.atomic_dir); renamed into place only
+                                         when complete and fsynced
 
 A version is registered (with the sha256 of its model.safetensors) only after the rename, and `announce` re-hashes
 the file before telling anyone, so a partial directory is never announced.
@@ -10,74 +11,30 @@ the file before telling anyone, so a partial directory is never announced.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from lkserve.trainer.registry import WEIGHTS_FILE, DraftRegistry, sha256_file
+from lkserve import checkpoint
+from lkserve.checkpoint import WEIGHTS_FILE, atomic_dir, sha256_file
+from lkserve.drafts import DraftRegistry
 
 METADATA_FILE = "lkserve-version.json"
-_SAFETENSORS_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
          "generation_config.json")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def checkpoint_float_dtype(model_dir: str | Path):
-    """The float dtype the checkpoint in `model_dir` is stored in (what the engine serves it in), or None."""
-    import torch
-
-    from lkserve.engine.vllm_adapter import safetensors_meta
-
-    counts: dict[str, int] = {}
-    for shape, dtype in safetensors_meta(model_dir).values():
-        if dtype in _SAFETENSORS_TO_TORCH:
-            n = 1
-            for d in shape:
-                n *= d
-            counts[dtype] = counts.get(dtype, 0) + n
-    if not counts:
-        return None
-    return getattr(torch, _SAFETENSORS_TO_TORCH[max(counts, key=counts.get)])
 
 
 def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, version: str, metadata: dict | None = None,
                      save=None, _fail_after_weights: bool = False) -> tuple[Path, str]:
     """Save `model` as `<cache>/drafts/<version>` with `save(model, dir, source_dir)` (default: a draft model in
-    HF layout), copying tokenizer/generation files from `source_dir` (the base draft). Returns (path, sha256 of
-    model.safetensors). Atomic: temp dir + rename.
-
-    Weights are stored in the base draft's dtype (bf16 for the default model), not the trainer's fp32 master
-    copy: half the bytes to write and ship, and the file is exactly what the engine will serve."""
+    HF layout, lkserve.trainer.drafts.DraftModelOps.save), copying tokenizer/generation files from `source_dir`
+    (the base draft). Returns (path, sha256 of model.safetensors). Atomic: temp dir + rename."""
     if save is None:
-        from lkserve.trainer.drafts import DraftModelOps
+        from lkserve.trainer.drafts import DraftModelOps  # drafts imports nothing of publish: no cycle
 
         save = DraftModelOps.save
-    drafts = Path(cache_dir) / "drafts"
-    drafts.mkdir(parents=True, exist_ok=True)
-    final = drafts / version
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    tmp = drafts / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = Path(cache_dir) / "drafts" / version
+    with atomic_dir(final) as tmp:
         save(model, tmp, source_dir)
         for name in _COPY:
             src = Path(source_dir) / name
@@ -88,21 +45,18 @@ def write_checkpoint(model, source_dir: str | Path, cache_dir: str | Path, versi
         sha = sha256_file(tmp / WEIGHTS_FILE)
         meta = {"version": version, "sha256": sha, "written_at": time.time(), **(metadata or {})}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(drafts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final, sha
 
 
 def clean_partial(cache_dir: str | Path) -> int:
-    """Remove leftover temp dirs of a crashed writer (call at worker start). Returns how many were removed."""
+    """Remove leftover temp dirs of a crashed writer (call at worker start): atomic_dir's `.<version>.tmp-*` and
+    the `.tmp-<version>-<pid>` of caches written before it. Returns how many were removed."""
     drafts = Path(cache_dir) / "drafts"
-    n = 0
-    if drafts.is_dir():
-        for d in drafts.glob(".tmp-*"):
+    if not drafts.is_dir():
+        return 0
+    n = checkpoint.clean_partial(drafts)
+    for d in drafts.glob(".tmp-*"):
+        if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
             n += 1
     return n
@@ -127,5 +81,5 @@ def register_base(registry: DraftRegistry, base_dir: str | Path, version: str = 
     if meta is None:
         meta = registry.register(version, base_dir, sha256_file(base_dir / WEIGHTS_FILE), {"base": True})
     if registry.current() is None:
-        registry.client.set(registry.k["current"], version)
+        registry.client.set(registry.keys.current, version)
     return meta

@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from lkserve.trainer.registry import DraftRegistry
+from lkserve.drafts import DraftRegistry
 
 log = logging.getLogger("lkserve.worker")
 

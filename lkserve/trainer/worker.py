@@ -52,7 +52,7 @@ from lkserve.metrics.worker import (
 from lkserve.trainer.drafts import ops_for
 from lkserve.trainer.gate import Gate
 from lkserve.trainer.publish import clean_partial, publish, register_base
-from lkserve.trainer.registry import DraftRegistry
+from lkserve.drafts import DraftRegistry
 from lkserve.trainer.replay import ReplayBuffer
 from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
 from lkserve.trainer.state import AckTracker, TrainingStateStore, read_own_pending
