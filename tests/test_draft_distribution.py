@@ -7,12 +7,12 @@ import shutil
 import httpx
 import pytest
 
+from lkserve.checkpoint import sha256_file
+from lkserve.drafts import DraftRegistry
 from lkserve.gateway.draft_fetch import FetchError, fetch_checkpoint
 from lkserve.gateway.draft_updates import DraftManager
 from lkserve.trainer.http import serve_worker_http
 from lkserve.trainer.publish import register_base
-from lkserve.checkpoint import sha256_file
-from lkserve.drafts import DraftRegistry
 
 
 @pytest.fixture

@@ -181,9 +181,9 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     """The worker loop with method="eagle3": records with hidden states -> Redis stream -> Worker (TTT, LK-lambda,
     truncated vocabulary) -> held-out gate -> published head -> the engine hot-swaps it (as the gateway does) ->
     served acceptance rises. Then a broken head published past the gate is rolled back by the live monitor."""
+    from lkserve.drafts import DraftRegistry
     from lkserve.trainer.drafts import Eagle3Ops
     from lkserve.trainer.publish import publish
-    from lkserve.drafts import DraftRegistry
     from lkserve.trainer.worker import Worker, WorkerConfig
 
     head, target = lmodels["head"], lmodels["tiny"].target

@@ -17,8 +17,8 @@ import torch
 
 from lkserve.capture.codec import encode
 from lkserve.capture.writer import FIELD
-from lkserve.trainer.publish import publish
 from lkserve.drafts import DraftRegistry
+from lkserve.trainer.publish import publish
 from lkserve.trainer.train import load_draft
 from lkserve.trainer.worker import Worker, WorkerConfig
 

@@ -9,9 +9,9 @@ import pytest
 import redis
 import torch
 
-from lkserve.trainer.publish import clean_partial, publish, register_base, write_checkpoint
 from lkserve.checkpoint import sha256_file
 from lkserve.drafts import AnnounceError, DraftRegistry
+from lkserve.trainer.publish import clean_partial, publish, register_base, write_checkpoint
 from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
 from lkserve.trainer.train import load_draft
 

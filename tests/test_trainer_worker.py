@@ -17,9 +17,9 @@ import torch
 
 from lkserve.capture.codec import encode
 from lkserve.capture.writer import FIELD
+from lkserve.drafts import DraftRegistry
 from lkserve.trainer.examples import build_batch, split_by_positions
 from lkserve.trainer.gate import evaluate
-from lkserve.drafts import DraftRegistry
 from lkserve.trainer.replay import is_heldout
 from lkserve.trainer.state import TrainingStateStore
 from lkserve.trainer.train import DraftTrainer, load_draft

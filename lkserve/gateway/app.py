@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lkserve.config import Settings
+from lkserve.drafts import AsyncDraftRegistry, DraftKeys, DraftRegistry
 from lkserve.gateway import admin, chat, completions, dashboard, health, models
 from lkserve.gateway.admission import Admission
 from lkserve.gateway.auth import Auth
-from lkserve.drafts import AsyncDraftRegistry, DraftKeys, DraftRegistry
 from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry
 from lkserve.gateway.errors import APIError, api_error_response, install_exception_handlers
 from lkserve.gateway.protocol import CaptureStatus

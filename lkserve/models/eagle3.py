@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lkserve.trainer.eagle3 import Eagle3Head, Eagle3Spec
+from lkserve.models.eagle3_head import Eagle3Head, Eagle3Spec
 
 WEIGHTS = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -28,6 +28,7 @@ from pathlib import Path
 import redis
 
 from lkserve.capture.reader import StreamReader
+from lkserve.drafts import DraftRegistry
 from lkserve.metrics.worker import (
     M_ACKED,
     M_ALPHA,
@@ -52,7 +53,6 @@ from lkserve.metrics.worker import (
 from lkserve.trainer.drafts import ops_for
 from lkserve.trainer.gate import Gate
 from lkserve.trainer.publish import clean_partial, publish, register_base
-from lkserve.drafts import DraftRegistry
 from lkserve.trainer.replay import ReplayBuffer
 from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
 from lkserve.trainer.state import AckTracker, TrainingStateStore, read_own_pending
