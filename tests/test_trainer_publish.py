@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import redis
@@ -107,6 +111,29 @@ def test_partial_dir_is_never_announced(tiny, redis_url, tmp_path):
     assert reg.announce("v0012")["sha256"] == sha2
     with pytest.raises(AnnounceError):
         reg.announce("nope")
+
+
+def test_a_killed_writer_leaves_only_a_temp_dir_that_clean_partial_removes(tiny, tmp_path):
+    """SIGKILL in the middle of writing a version: no version directory appears, and the worker's start-up
+    clean_partial removes the temp dir (and one named the way earlier writers named theirs)."""
+    code = f"""
+import os, signal
+from lkserve.trainer.publish import write_checkpoint
+def save(model, out, src):
+    (out / "model.safetensors").write_bytes(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+write_checkpoint(None, {str(tiny.random_draft)!r}, {str(tmp_path)!r}, "v0001", save=save)
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, timeout=120)
+    assert proc.returncode == -9
+    drafts = tmp_path / "drafts"
+    left = [p.name for p in drafts.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".v0001.tmp-"), left
+    (drafts / ".tmp-v0002-123").mkdir()
+    assert clean_partial(tmp_path) == 2
+    assert list(drafts.iterdir()) == []
 
 
 def test_pause_flag(redis_url):

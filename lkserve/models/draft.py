@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lkserve.models.smollm2 import atomic_publish, dir_lock, make_tmp_dir, sha256_file
+from lkserve.checkpoint import atomic_dir, dir_lock, sha256_file
 
 DEFAULT_NUM_LAYERS = 2
 MARKER_FILE = "lkserve-draft.json"
@@ -89,8 +89,7 @@ def derive_draft(
         if not force and _marker_matches(out_dir, source, num_layers):
             return out_dir
         t0 = time.perf_counter()
-        tmp_dir = make_tmp_dir(out_dir)
-        try:
+        with atomic_dir(out_dir, replace=True) as tmp_dir:
             info = _write_draft(target_dir, tmp_dir, target_cfg, num_layers)
             marker = {
                 "derivation_version": DERIVATION_VERSION,
@@ -103,10 +102,6 @@ def derive_draft(
                 **info,
             }
             (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-            atomic_publish(tmp_dir, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
         return out_dir
 
 

@@ -16,17 +16,14 @@ place, under a file lock, so a crash or a concurrent caller never sees a half-wr
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from lkserve.checkpoint import atomic_dir, dir_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +78,6 @@ def target_dir_for(cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "models" / TARGET_NAME
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_marker(out_dir: Path) -> dict | None:
     try:
         marker = json.loads((out_dir / MARKER_FILE).read_text())
@@ -108,37 +97,6 @@ def _marker_matches(marker: dict | None, source: Path, stat: os.stat_result) -> 
         and marker.get("source_size") == stat.st_size
         and marker.get("source_mtime_ns") == stat.st_mtime_ns
     )
-
-
-@contextlib.contextmanager
-def dir_lock(lock_path: Path):
-    """An exclusive advisory lock held while a checkpoint directory is (re)built."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def make_tmp_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of `out_dir` (same filesystem, so the final rename is atomic)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it 0700; the published dir gets normal permissions
-    return tmp_dir
-
-
-def atomic_publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename a finished temporary directory to `out_dir`, replacing whatever was there."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_target(cache_dir: str | os.PathLike, *, force: bool = False) -> Path:
@@ -170,8 +128,7 @@ def prepare_target(cache_dir: str | os.PathLike, *, force: bool = False) -> Path
             return out_dir
 
         t0 = time.perf_counter()
-        tmp_dir = make_tmp_dir(out_dir)
-        try:
+        with atomic_dir(out_dir, replace=True) as tmp_dir:
             info = convert_gguf_to_hf(source, tmp_dir)
             marker = {
                 "conversion_version": CONVERSION_VERSION,
@@ -185,10 +142,6 @@ def prepare_target(cache_dir: str | os.PathLike, *, force: bool = False) -> Path
                 **info,
             }
             (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-            atomic_publish(tmp_dir, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
         log.info("converted %s -> %s in %.1f s", source.name, out_dir, time.perf_counter() - t0)
         return out_dir
 
