@@ -131,13 +131,13 @@ class DraftRegistry:
         self.client.publish(self.keys.channel, payload)
         return json.loads(payload)
 
-    def rollback(self, to: str | None = None, reason: str = "manual rollback", verify: bool = True) -> dict:
+    def rollback(self, to: str | None = None, reason: str = "manual rollback") -> dict:
         """Announce `to` (default: the previous version). The rolled-back version is marked `rolled_back`."""
         bad = self.current()
         target = to or self.previous()
         if target is None:
             raise AnnounceError("no previous draft version to roll back to")
-        ann = self.announce(target, reason=reason, verify=verify)
+        ann = self.announce(target, reason=reason)
         if bad is not None and bad != target:
             self.update(bad, status="rolled_back", rolled_back_at=time.time(), rollback_reason=reason)
             # the previous pointer must not bounce back to the bad version
@@ -183,11 +183,11 @@ class AsyncDraftRegistry:
     async def ensure_registered(self, version: str, path: str, sha256: str, metadata: dict | None = None) -> dict:
         return await asyncio.to_thread(self.sync.ensure_registered, version, path, sha256, metadata)
 
-    async def announce(self, version: str, reason: str, verify: bool = True) -> dict:
-        return await asyncio.to_thread(self.sync.announce, version, reason, verify)
+    async def announce(self, version: str, reason: str) -> dict:
+        return await asyncio.to_thread(self.sync.announce, version, reason)
 
-    async def rollback(self, to: str, reason: str, verify: bool = True) -> dict:
-        return await asyncio.to_thread(self.sync.rollback, to, reason, verify)
+    async def rollback(self, to: str, reason: str) -> dict:
+        return await asyncio.to_thread(self.sync.rollback, to, reason)
 
     async def is_paused(self) -> bool:
         return await asyncio.to_thread(self.sync.is_paused)

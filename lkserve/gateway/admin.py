@@ -69,12 +69,12 @@ async def _register(registry, version: str, path: str, sha: str | None) -> str |
     return sha
 
 
-async def _announce(registry, version: str, path: str, reason: str, rollback: bool) -> None:
+async def _announce(registry, version: str, reason: str, rollback: bool) -> None:
     try:
         if rollback:
-            await registry.rollback(version, reason, verify=Path(path).is_dir())
+            await registry.rollback(version, reason)
         else:
-            await registry.announce(version, reason, verify=Path(path).is_dir())
+            await registry.announce(version, reason)
     except AnnounceError as e:
         raise APIError(409, f"{version} loaded here but not announced: {e}", code="draft_announce_refused") from None
     except redis.RedisError as e:
@@ -87,7 +87,7 @@ async def _switch(request: Request, version: str, path: str, sha: str | None, so
     sha = await _register(state.registry, version, path, sha)
     resp = _swap_response(await state.drafts.swap(version, path, sha, source))
     if state.registry is not None:
-        await _announce(state.registry, version, path, source, rollback)
+        await _announce(state.registry, version, source, rollback)
     return resp
 
 
