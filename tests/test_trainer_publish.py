@@ -62,7 +62,7 @@ def test_publish_writes_loadable_checkpoint_and_announces(tiny, redis_url, tmp_p
 def test_publish_stores_the_base_drafts_dtype(tiny, redis_url, tmp_path):
     """The trainer keeps fp32 master weights; a version is written in the dtype the base draft (and so the engine)
     uses, with the same tensor names (tied embeddings stay tied), and the trainer's copy is not touched."""
-    from lkserve.engine.vllm_adapter import safetensors_meta
+    from lkserve.checkpoint import safetensors_meta
 
     base = tmp_path / "base-bf16"
     load_draft(tiny.random_draft).to(torch.bfloat16).save_pretrained(str(base))

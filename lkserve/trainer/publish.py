@@ -43,7 +43,7 @@ def checkpoint_float_dtype(model_dir: str | Path):
     """The float dtype the checkpoint in `model_dir` is stored in (what the engine serves it in), or None."""
     import torch
 
-    from lkserve.engine.vllm_adapter import safetensors_meta
+    from lkserve.checkpoint import safetensors_meta
 
     counts: dict[str, int] = {}
     for shape, dtype in safetensors_meta(model_dir).values():
