@@ -235,7 +235,7 @@ def test_hidden_window_skips_positions_never_computed():
     assert acc.hidden_window(2, 9)[0] == 5
     assert acc.hidden_window(0, 11) is None  # the last row is unknown
     acc.put_hidden(7, words[:2])  # a recomputed position overwrites (later writes win)
-    start, rows = acc.hidden_window(5, 10)
+    _, rows = acc.hidden_window(5, 10)
     np.testing.assert_array_equal(rows, np.concatenate([words[5:7], words[:2], words[9:10]]))
     acc.trim_hidden(8)
     assert acc.hid_base == 8 and acc.hidden_window(5, 10)[0] == 8

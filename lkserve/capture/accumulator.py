@@ -208,9 +208,9 @@ class CaptureState:
             return self.accs[internal_id]
         info = lookup(internal_id)
         acc = None
-        if info is not None and len(self.accs) < self.settings.max_tracked_requests:
-            if info.capture and self.sampled(info.request_id) and info.prompt_token_ids is not None:
-                acc = RequestAcc(internal_id, info)
+        if (info is not None and len(self.accs) < self.settings.max_tracked_requests and info.capture
+                and self.sampled(info.request_id) and info.prompt_token_ids is not None):
+            acc = RequestAcc(internal_id, info)
         self.accs[internal_id] = acc
         return acc
 
@@ -224,8 +224,6 @@ class CaptureState:
     # -- the hot path ----------------------------------------------------------------------------------------
     def on_step(self, step: VerifyStep, lookup: Lookup) -> None:
         """Keep the verified positions of every captured request of one verification step."""
-        import torch
-
         rows = []  # (batch index, acc, start in the flat draft rows, n drafts)
         start = 0
         for i, n in enumerate(step.num_draft_tokens):
@@ -250,21 +248,7 @@ class CaptureState:
             plan.append((acc, ver, v - 1))
         if not keep:
             return
-        idx = torch.tensor(keep, dtype=torch.long, device=step.target_logits.device)
-        draft_ids = step.draft_token_ids[idx]
-        with torch.no_grad():
-            probs = torch.softmax(step.target_logits[idx].to(torch.float32), dim=-1)  # [R, V]
-            k = min(self.settings.top_k, probs.shape[-1])
-            top_vals, top_ids = probs.topk(k, dim=-1)  # [R, k]
-            resid = (1.0 - top_vals.sum(dim=-1)).clamp_(min=0.0)  # [R]
-            q = None
-            if step.draft_probs is not None:
-                q = step.draft_probs[idx].gather(1, draft_ids.to(torch.long).unsqueeze(1)).squeeze(1)  # [R]
-        top_vals = top_vals.cpu().numpy().astype(np.float16)
-        top_ids = top_ids.cpu().numpy().astype(np.uint32)
-        resid = resid.cpu().numpy().astype(np.float16)
-        dids = draft_ids.cpu().numpy().astype(np.uint32)
-        qn = q.cpu().numpy().astype(np.float16) if q is not None else None
+        dids, top_ids, top_vals, resid, qn = self._reduce(step, keep)
 
         lo = 0
         for acc, ver, a in plan:
@@ -285,6 +269,27 @@ class CaptureState:
             if acc.n >= self.settings.max_positions_per_record:
                 self.pending_chunks.add(acc.internal_id)
             lo += ver
+
+    def _reduce(self, step: VerifyStep, keep: list[int]):
+        """The kept flat rows as numpy: draft ids [R], target top-k ids/probs [R, k], residual [R], q(draft) [R]."""
+        import torch
+
+        idx = torch.tensor(keep, dtype=torch.long, device=step.target_logits.device)
+        draft_ids = step.draft_token_ids[idx]
+        with torch.no_grad():
+            probs = torch.softmax(step.target_logits[idx].to(torch.float32), dim=-1)  # [R, V]
+            k = min(self.settings.top_k, probs.shape[-1])
+            top_vals, top_ids = probs.topk(k, dim=-1)  # [R, k]
+            resid = (1.0 - top_vals.sum(dim=-1)).clamp_(min=0.0)  # [R]
+            q = None
+            if step.draft_probs is not None:
+                q = step.draft_probs[idx].gather(1, draft_ids.to(torch.long).unsqueeze(1)).squeeze(1)  # [R]
+        top_vals = top_vals.cpu().numpy().astype(np.float16)
+        top_ids = top_ids.cpu().numpy().astype(np.uint32)
+        resid = resid.cpu().numpy().astype(np.float16)
+        dids = draft_ids.cpu().numpy().astype(np.uint32)
+        qn = q.cpu().numpy().astype(np.float16) if q is not None else None
+        return dids, top_ids, top_vals, resid, qn
 
     def on_hidden(self, step: HiddenStep, lookup: Lookup) -> None:
         """After the target's forward (EAGLE-3): store the aux hidden states of every token computed for a captured

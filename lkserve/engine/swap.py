@@ -10,7 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lkserve.checkpoint import CheckpointError, checkpoint_sha256, load_finite, safetensors_meta, validate_files
+from lkserve.checkpoint import (
+    CheckpointError,
+    checkpoint_sha256,
+    load_finite,
+    safetensors_meta,
+    validate_files,
+)
 
 logger = logging.getLogger("lkserve.engine")
 
