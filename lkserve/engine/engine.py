@@ -3,7 +3,7 @@
 Small typed surface for the gateway and the worker:
 
     engine = await Engine.create(EngineSettings(...), CaptureSettings(...), sink_spec)
-    async for chunk in engine.generate(prompt_ids, SamplingParams(...), "req-1"):
+    async for chunk in engine.generate(prompt_ids, sampling_params(max_tokens=64), "req-1"):
         ...  # chunk.token_ids / chunk.text (deltas), chunk.finish_reason, chunk.spec (at the end)
     res = await engine.swap_draft("/path/to/draft-v2", "v2", sha256=None)
     await engine.shutdown()
