@@ -57,6 +57,8 @@ class CaptureSettings(BaseModel):
     top_k: int = Field(32, ge=1, le=1024, description="target tokens kept per drafted position")
     queue_size: int = Field(4096, ge=1, description="records buffered in memory before dropping")
     max_positions_per_record: int = Field(512, ge=1, description="long requests are split into chunks")
+    max_tracked_requests: int = Field(4096, ge=1, description="requests a worker accumulates at once; more are "
+                                      "not captured")
     max_queue_bytes: int = Field(64 << 20, ge=1, description="writer queue cap in bytes, besides queue_size")
     # EAGLE-3 engines only: also record what the head consumes, the target's aux hidden states ([n_aux * H] per
     # context position; 3456 B at H=576, 24576 B at H=4096 in bf16), for `hidden_context` positions before each
@@ -64,6 +66,10 @@ class CaptureSettings(BaseModel):
     hidden_states: bool = Field(False, description="capture the target's aux hidden states (EAGLE-3 training)")
     hidden_dtype: Literal["bf16", "fp16"] = "bf16"
     hidden_context: int = Field(1024, ge=0, description="prefix positions of hidden states kept per record")
+
+    def for_engine(self, method: str) -> CaptureSettings:
+        """What an engine of `method` applies: hidden states exist only for EAGLE-3."""
+        return self.model_copy(update={"hidden_states": self.hidden_states and method == "eagle3"})
 
 
 class RedisSettings(BaseModel):

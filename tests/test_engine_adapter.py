@@ -1,14 +1,16 @@
-"""The vLLM adapter's pieces that need no running engine: the CPU fix, version check, wire format, validation."""
+"""lkserve.engine.vllm's pieces that need no running engine: the CPU fixes, the version check; the record wire format
+and checkpoint helpers they hand data through."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from lkserve.engine import vllm_adapter as va
+from lkserve import checkpoint
+from lkserve.capture.record import record_from_wire, record_to_wire
+from lkserve.capture.sink import make_capture_sink
+from lkserve.engine.vllm import patches as va
 
 
 def test_torch_expand_matches_the_reference_semantics():
@@ -81,8 +83,8 @@ def test_record_wire_roundtrip_is_msgpack_safe():
     import msgspec
 
     rec = _record()
-    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(va.record_to_wire(rec)))
-    back = va.record_from_wire(wire)
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(record_to_wire(rec)))
+    back = record_from_wire(wire)
     for k, v in rec.__dict__.items():
         if isinstance(v, np.ndarray):
             np.testing.assert_array_equal(getattr(back, k), v)
@@ -95,15 +97,16 @@ def test_checkpoint_metadata_and_checksum(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
-    meta = va.safetensors_meta(tmp_path)
+    meta = checkpoint.safetensors_meta(tmp_path)
     assert meta == {"a": ((2, 3), "F32"), "b": ((4,), "BF16")}
-    assert va.checkpoint_sha256(tmp_path) == va.sha256_file(tmp_path / "model.safetensors")
+    assert checkpoint.checkpoint_sha256(tmp_path) == checkpoint.sha256_file(tmp_path / "model.safetensors")
     save_file({"c": torch.zeros(1)}, str(tmp_path / "model-2.safetensors"))
-    assert len(va.checkpoint_sha256(tmp_path)) == 64 and "c" in va.safetensors_meta(tmp_path)
+    assert len(checkpoint.checkpoint_sha256(tmp_path)) == 64 and "c" in checkpoint.safetensors_meta(tmp_path)
 
 
 def test_make_capture_sink_memory():
-    sink = va.make_capture_sink({"kind": "memory", "maxlen": 1})
+    sink = make_capture_sink({"kind": "memory", "maxlen": 1}, queue_size=7)
     assert sink.put(_record()) and not sink.put(_record())
     assert len(sink.drain()) == 1
-    json.dumps({"kind": "memory", "maxlen": 1})  # specs are JSON-able
+    default = make_capture_sink(None, queue_size=2)  # no spec: a memory sink of queue_size records
+    assert default.put(_record()) and default.put(_record()) and not default.put(_record())

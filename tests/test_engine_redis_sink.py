@@ -16,10 +16,8 @@ from tests.fixtures_engine import CAPTURE_TOP_K, CHUNK_POSITIONS, prompt_ids
 pytestmark = pytest.mark.slow
 
 
-def _capture_spec(engine, sink: dict) -> dict:
-    return {"enabled": True, "sample_rate": 1.0, "top_k": CAPTURE_TOP_K,
-            "max_positions_per_record": CHUNK_POSITIONS, "queue_size": 100_000, "seed": 0,
-            "model_id": engine.model_id, "sink": sink}
+CAPTURE = CaptureSettings(enabled=True, sample_rate=1.0, top_k=CAPTURE_TOP_K,
+                          max_positions_per_record=CHUNK_POSITIONS, queue_size=100_000)
 
 
 def test_engine_records_reach_redis_and_a_consumer_group(spec_engine, redis_url, redis_client):
@@ -30,7 +28,7 @@ def test_engine_records_reach_redis_and_a_consumer_group(spec_engine, redis_url,
     spec_engine.drain()
     sink = redis_sink_spec(redis_url, RedisSettings(stream="e2e:capture", stream_maxlen=10_000),
                            CaptureSettings(queue_size=1000))
-    spec_engine.run(engine._rpc("lkserve_configure_capture", _capture_spec(engine, sink)))
+    spec_engine.run(engine.configure_capture(CAPTURE, sink))
     try:
         jobs = [(p, SamplingParams(temperature=1.0, max_tokens=60, seed=i, ignore_eos=True),
                  {"tags": {"domain": "e2e"}}) for i, p in enumerate(prompt_ids(spec_engine, 3))]
@@ -57,5 +55,4 @@ def test_engine_records_reach_redis_and_a_consumer_group(spec_engine, redis_url,
         info = spec_engine.run(engine.info())
         assert info["capture"]["dropped"] == 0
     finally:
-        spec_engine.run(engine._rpc("lkserve_configure_capture",
-                                    _capture_spec(engine, {"kind": "memory", "maxlen": 100_000})))
+        spec_engine.run(engine.configure_capture(CAPTURE, {"kind": "memory", "maxlen": 100_000}))

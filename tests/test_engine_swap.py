@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lkserve.engine.vllm_adapter import checkpoint_sha256
+from lkserve.checkpoint import checkpoint_sha256
 from tests.fixtures_engine import K, prompt_ids
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lkserve.engine.vllm_adapter import checkpoint_sha256
+from lkserve.checkpoint import checkpoint_sha256
 from lkserve.models.tiny import build_tiny_target, make_copy_draft, make_random_draft
 
 

@@ -155,7 +155,8 @@ def test_streaming_equals_non_streaming(client, model):
 
 
 def test_seed_reproducible_at_positive_temperature(client, model):
-    """Fails without vllm_adapter.apply_seeded_draft_fix: vLLM draws probabilistic draft tokens from the global RNG."""
+    """Fails without lkserve.engine.vllm.patches.apply_seeded_draft_fix: vLLM draws probabilistic draft tokens
+    from the global RNG."""
     kw = {"model": model, "prompt": "The quick brown fox", "max_tokens": 32, "temperature": 0.9, "seed": 1234,
           "extra_body": {"ignore_eos": True}}
     texts = [client.completions.create(**kw).choices[0].text for _ in range(3)]

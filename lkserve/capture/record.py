@@ -80,3 +80,24 @@ def hidden_states_array(record: VerificationRecord) -> np.ndarray | None:
     if record.hidden_states is None:
         return None
     return words_to_float(record.hidden_states, record.hidden_dtype)
+
+
+def record_to_wire(rec: VerificationRecord) -> dict:
+    """A record as msgpack-safe plain data (what crosses vLLM's RPC boundary): arrays become {dtype, shape, data}."""
+    d: dict = {}
+    for k, v in rec.__dict__.items():
+        if isinstance(v, np.ndarray):
+            d[k] = {"dtype": v.dtype.str, "shape": list(v.shape), "data": v.tobytes()}
+        else:
+            d[k] = v
+    return d
+
+
+def record_from_wire(d: dict) -> VerificationRecord:
+    kw = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and "dtype" in v and "data" in v:
+            kw[k] = np.frombuffer(v["data"], dtype=np.dtype(v["dtype"])).reshape(v["shape"]).copy()
+        else:
+            kw[k] = v
+    return VerificationRecord(**kw)

@@ -61,6 +61,11 @@ def make_sink(spec: dict) -> CaptureSink:
     raise ValueError(f"unknown capture sink kind {kind!r}; expected 'memory' or 'redis'")
 
 
+def make_capture_sink(spec: dict | None, queue_size: int) -> CaptureSink:
+    """The engine's sink: `spec`, or by default a memory sink of `queue_size` records (drained over RPC)."""
+    return make_sink(spec or {"kind": "memory", "maxlen": queue_size})
+
+
 def redis_sink_spec(url: str, redis_settings, capture_settings) -> dict:
     """The spec of the Redis sink from `RedisSettings` + `CaptureSettings` and a resolved URL."""
     return {

@@ -3,13 +3,13 @@
 Small typed surface for the gateway and the worker:
 
     engine = await Engine.create(EngineSettings(...), CaptureSettings(...), sink_spec)
-    async for chunk in engine.generate(prompt_ids, SamplingParams(...), "req-1"):
+    async for chunk in engine.generate(prompt_ids, sampling_params(max_tokens=64), "req-1"):
         ...  # chunk.token_ids / chunk.text (deltas), chunk.finish_reason, chunk.spec (at the end)
     res = await engine.swap_draft("/path/to/draft-v2", "v2", sha256=None)
     await engine.shutdown()
 
-Everything that touches vLLM internals is in `vllm_adapter.py`; this module only uses vLLM's public API
-(`AsyncEngineArgs`, `AsyncLLM`, `SamplingParams`, `collective_rpc`).
+vLLM itself is reached only through `lkserve.engine.vllm` (plain functions); `sampling_params(**kw)` builds the
+`sampling` object `generate` takes.
 """
 
 from __future__ import annotations
@@ -20,52 +20,19 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from lkserve.capture.record import record_from_wire
 from lkserve.config import CaptureSettings, EngineSettings
-from lkserve.engine import vllm_adapter as va
+from lkserve.engine import vllm as va
+from lkserve.engine.types import SpecStats
+from lkserve.engine.vllm import sampling_params
 from lkserve.metrics import serving as metrics
 
+__all__ = ["Engine", "GenerationChunk", "SpecStats", "SwapResult", "sampling_params"]
+
 logger = logging.getLogger("lkserve.engine")
-
-
-@dataclass
-class SpecStats:
-    """Per-request speculative decoding statistics (from vLLM's per-request 'detailed' metrics)."""
-
-    num_spec_tokens: int
-    steps: int
-    drafted: int
-    accepted: int
-    per_step_drafted: list[int] = field(default_factory=list)
-    per_step_accepted: list[int] = field(default_factory=list)
-    per_position_drafted: list[int] = field(default_factory=list)  # [K]: steps that drafted position j
-    per_position_accepted: list[int] = field(default_factory=list)  # [K]: steps that accepted position j
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def verified_positions(self) -> int:
-        """Drafted positions the rejection sampler decided on: all accepted ones plus the first rejected one."""
-        return sum(min(a + 1, d) for a, d in zip(self.per_step_accepted, self.per_step_drafted))
-
-    @classmethod
-    def from_vllm(cls, m) -> SpecStats | None:
-        if m is None:
-            return None
-        k = int(m.num_spec_tokens)
-        steps_acc = list(m.per_step_accepted or [])
-        steps_dr = list(m.per_step_drafted or [])
-        pos_dr = [sum(1 for d in steps_dr if d > j) for j in range(k)]
-        pos_acc = [sum(1 for a in steps_acc if a > j) for j in range(k)]
-        accepted = sum(j * c for j, c in enumerate(m.histogram))
-        return cls(num_spec_tokens=k, steps=sum(m.histogram), drafted=int(m.num_draft_tokens), accepted=accepted,
-                   per_step_drafted=steps_dr, per_step_accepted=steps_acc,
-                   per_position_drafted=pos_dr, per_position_accepted=pos_acc)
 
 
 @dataclass
@@ -92,35 +59,6 @@ class SwapResult:
     requested_version: str | None = None
     validate_seconds: float = 0.0
     apply_seconds: float = 0.0
-
-
-def _speculative_config(settings: EngineSettings, draft_dir: str | None) -> dict[str, Any] | None:
-    k = settings.num_speculative_tokens
-    if settings.method == "none":
-        return None
-    if settings.method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-    if settings.method == "draft_model":
-        return {
-            "method": "draft_model",
-            "model": draft_dir,
-            "num_speculative_tokens": k,
-            # probabilistic + standard: the real min(1, p/q) test, acceptance = sum min(p, q).
-            # greedy: the draft is treated as certain of its argmax (acceptance = p(argmax)).
-            "draft_sample_method": settings.draft_sample_method,
-            "rejection_sample_method": "standard",
-        }
-    if settings.method == "eagle3":
-        # draft_dir is an EAGLE-3 head (speculators layout, lkserve/models/eagle3.py); it drafts from the target's
-        # auxiliary hidden states, and its truncated vocabulary (d2t) is mapped back to target ids by vLLM.
-        return {
-            "method": "eagle3",
-            "model": draft_dir,
-            "num_speculative_tokens": k,
-            "draft_sample_method": settings.draft_sample_method,
-            "rejection_sample_method": "standard",
-        }
-    raise ValueError(f"unknown speculative method {settings.method!r}")
 
 
 def _resolve_models(settings: EngineSettings) -> tuple[str, str | None]:
@@ -173,53 +111,12 @@ class Engine:
         VLLM_ENABLE_V1_MULTIPROCESSING=0, set process-wide); None reads that variable; False = vLLM's default."""
         va.check_vllm_version()
         t0 = time.perf_counter()
-        for k, v in va.engine_env_defaults().items():
-            os.environ.setdefault(k, v)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        if in_process is None:
-            in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-        elif in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+        in_process = va.prepare_env(settings.kv_cache_gib, in_process)
         target, draft = _resolve_models(settings)
-        spec = _speculative_config(settings, draft)
-        args = AsyncEngineArgs(
-            model=target,
-            tokenizer=target,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
-            speculative_config=spec,
-            worker_extension_cls=va.EXTENSION_CLS,
-            per_request_spec_decode_metrics="detailed" if spec else "none",
-            # capture reads each request's token state right after sampling; CPU forces this off anyway
-            async_scheduling=False,
-            distributed_executor_backend="uni" if in_process else None,
-            disable_log_stats=False,
-        )
-        llm = AsyncLLM.from_engine_args(args)
+        llm = va.start_async_llm(settings, target, draft, in_process)
         engine = cls(llm, settings, capture, model_id or Path(target).name, draft, in_process)
         try:
-            cap_spec = {
-                "enabled": capture.enabled,
-                "sample_rate": capture.sample_rate,
-                "top_k": capture.top_k,
-                "max_positions_per_record": capture.max_positions_per_record,
-                "queue_size": capture.queue_size,
-                "seed": settings.seed,
-                "model_id": engine.model_id,
-                "sink": sink_spec or {"kind": "memory", "maxlen": capture.queue_size},
-                "initial_version": draft_version,
-                "hidden_states": capture.hidden_states and settings.method == "eagle3",
-                "hidden_dtype": capture.hidden_dtype,
-                "hidden_context": capture.hidden_context,
-            }
-            await engine._rpc("lkserve_configure_capture", cap_spec)
+            await engine.configure_capture(capture, sink_spec, initial_version=draft_version)
             info = await engine.draft_info()
             engine.draft_version = info.get("version")
             engine.draft_sha256 = info.get("sha256")
@@ -236,9 +133,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self._llm.shutdown()
+        va.shutdown_async_llm(self._llm)
         await asyncio.sleep(0)
-        self._llm.shutdown = lambda *a, **k: None  # AsyncLLM.__del__ would shut down again at interpreter exit
 
     @property
     def llm(self):
@@ -254,29 +150,19 @@ class Engine:
         capture: bool = True,
         tags: dict | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream a request's output. `sampling` is a vllm.SamplingParams (copied, not modified); n must be 1."""
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        sp = sampling.clone()
-        if sp.n != 1:
-            raise ValueError("Engine.generate supports n=1 only")
-        sp.output_kind = RequestOutputKind.DELTA
-        extra = dict(sp.extra_args or {})
-        extra[va.EXTRA_ARGS_KEY] = {"capture": bool(capture), "tags": {str(k): str(v) for k, v in (tags or {}).items()},
-                                    "rid": request_id}
-        sp.extra_args = extra
+        """Stream a request's output. `sampling` comes from `sampling_params(...)` (copied, not modified); n must
+        be 1."""
+        sp = va.request_params(sampling, request_id, capture, tags)
         self._running.add(request_id)
         num_out = 0
         t_submit = time.perf_counter()
         t_first = t_last = None
         finish_reason, num_prompt = None, len(prompt_token_ids)
         try:
-            prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
-            if self._salt_prefix_cache:
-                # The draft's KV lives in the same prefix-cached blocks as the target's: salting the cache with the
-                # draft version keeps requests after a swap from reusing draft KV the old weights computed.
-                prompt["cache_salt"] = f"lkserve-draft:{self.draft_version}"
+            # The draft's KV lives in the same prefix-cached blocks as the target's: salting the cache with the
+            # draft version keeps requests after a swap from reusing draft KV the old weights computed.
+            salt = f"lkserve-draft:{self.draft_version}" if self._salt_prefix_cache else None
+            prompt = va.tokens_prompt(prompt_token_ids, salt)
             async for out in self._llm.generate(prompt, sp, request_id):
                 c = out.outputs[0]
                 ids = list(c.token_ids)
@@ -287,7 +173,7 @@ class Engine:
                     metrics.observe_tokens(len(ids), None if t_last is None else now - t_last)
                     t_first = t_first or now
                     t_last = now
-                spec = SpecStats.from_vllm(c.spec_decode_metrics) if finished else None
+                spec = va.spec_stats(c.spec_decode_metrics) if finished else None
                 if finished:
                     finish_reason = c.finish_reason
                     num_prompt = len(out.prompt_token_ids or prompt_token_ids)
@@ -360,6 +246,13 @@ class Engine:
         return (await self._rpc("lkserve_draft_info"))
 
     # -- capture ---------------------------------------------------------------------------------------------
+    async def configure_capture(self, capture: CaptureSettings, sink_spec: dict | None = None,
+                                initial_version: str | None = None) -> dict:
+        """(Re)point the workers' capture: `capture` crosses the RPC as its model_dump; `sink_spec` is a
+        `capture.sink.make_sink` spec (None: a memory sink of capture.queue_size records, see drain_capture)."""
+        return await self._rpc("lkserve_configure_capture", capture.for_engine(self.settings.method).model_dump(),
+                               sink_spec, self.model_id, self.settings.seed, initial_version)
+
     async def set_capture(self, enabled: bool, sample_rate: float | None = None) -> dict:
         return await self._rpc("lkserve_set_capture", bool(enabled), sample_rate)
 
@@ -370,7 +263,7 @@ class Engine:
         results = await self._llm.collective_rpc("lkserve_drain_capture", args=(finished,))
         out = []
         for worker_records in results:
-            out.extend(va.record_from_wire(d) for d in worker_records)
+            out.extend(record_from_wire(d) for d in worker_records)
         return out
 
     async def info(self) -> dict:

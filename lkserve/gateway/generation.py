@@ -87,7 +87,7 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
 def build_sampling(req: _SamplingFields, max_tokens: int, choice_index: int):
     """One vLLM SamplingParams per choice (n=1 each). With a seed, choice i uses seed + i so choices differ but the
     whole response is reproducible."""
-    from vllm import SamplingParams
+    from lkserve.engine.engine import sampling_params
 
     kwargs: dict[str, Any] = {
         "n": 1,
@@ -110,7 +110,7 @@ def build_sampling(req: _SamplingFields, max_tokens: int, choice_index: int):
         seed = req.seed + choice_index
         kwargs["seed"] = seed if seed <= 2**63 - 1 else seed - 2**64
     try:
-        return SamplingParams(**kwargs)
+        return sampling_params(**kwargs)
     except (ValueError, TypeError) as e:  # vLLM's own checks (VLLMValidationError is a ValueError)
         raise bad_request(str(e), param=getattr(e, "parameter", None)) from None
 

@@ -1,0 +1,39 @@
+"""Plain results the engine hands to the gateway, the metrics and the worker (no vLLM types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    """Per-request speculative decoding statistics (from vLLM's per-request 'detailed' metrics)."""
+
+    num_spec_tokens: int
+    steps: int
+    drafted: int
+    accepted: int
+    per_step_drafted: list[int] = field(default_factory=list)
+    per_step_accepted: list[int] = field(default_factory=list)
+    per_position_drafted: list[int] = field(default_factory=list)  # [K]: steps that drafted position j
+    per_position_accepted: list[int] = field(default_factory=list)  # [K]: steps that accepted position j
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def verified_positions(self) -> int:
+        """Drafted positions the rejection sampler decided on: all accepted ones plus the first rejected one."""
+        return sum(min(a + 1, d) for a, d in zip(self.per_step_accepted, self.per_step_drafted))
+
+    @classmethod
+    def from_steps(cls, num_spec_tokens: int, histogram: list[int], num_draft_tokens: int,
+                   per_step_drafted: list[int], per_step_accepted: list[int]) -> SpecStats:
+        """From per-step counts: histogram[j] = steps that accepted exactly j drafts."""
+        k = int(num_spec_tokens)
+        return cls(num_spec_tokens=k, steps=sum(histogram), drafted=int(num_draft_tokens),
+                   accepted=sum(j * c for j, c in enumerate(histogram)),
+                   per_step_drafted=list(per_step_drafted), per_step_accepted=list(per_step_accepted),
+                   per_position_drafted=[sum(1 for d in per_step_drafted if d > j) for j in range(k)],
+                   per_position_accepted=[sum(1 for a in per_step_accepted if a > j) for j in range(k)])
