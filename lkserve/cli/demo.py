@@ -327,6 +327,18 @@ def wait_ready(url: str, child: Child, timeout: float = 600) -> None:
     raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log.name}")
 
 
+def summarize(cfg: DemoConfig, state: DemoState, target: str, draft: str, pids: dict[str, int]) -> dict:
+    """What summary.json holds: the run's config, acceptance by version and by phase, swaps, the worker's held-out
+    curve, every sample, and the pids of what the demo started (its test checks none is left)."""
+    return {"config": asdict(cfg), "target": target, "draft": draft, "requests": len(state.samples),
+            "errors": state.errors, "domain_shift_t": state.shift_t, "swaps": state.swaps,
+            "heldout": state.heldout,
+            "by_version": by_version(state.samples), "worker": state.worker,
+            "by_phase": {p: by_version([s for s in state.samples if s.phase == p]) for p in ("MT-bench", "HumanEval")},
+            "pids": pids,
+            "samples": [asdict(s) for s in state.samples]}
+
+
 def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
     from rich.console import Console
     from rich.live import Live
@@ -378,14 +390,7 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
         for child in reversed(children):
             child.stop()
         redis.stop()
-    summary = {"config": asdict(cfg), "target": target, "draft": draft, "requests": len(state.samples),
-               "errors": state.errors, "domain_shift_t": state.shift_t, "swaps": state.swaps,
-               "heldout": state.heldout,
-               "by_version": by_version(state.samples), "worker": state.worker,
-               "by_phase": {p: by_version([s for s in state.samples if s.phase == p])
-                            for p in ("MT-bench", "HumanEval")},
-               "pids": pids,
-               "samples": [asdict(s) for s in state.samples]}
+    summary = summarize(cfg, state, target, draft, pids)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if state.samples:
         plot(state, out / "acceptance.png")

@@ -30,16 +30,16 @@ class TrainingKnobs:
     num_positions: int  # K
     max_context: int
     batch_positions: int
-    warmup_steps: int = 0
+    warmup_steps: int
 
 
 @dataclass(kw_only=True)
 class DraftModelOps(TrainingKnobs):
     """A small causal LM drafting on its own (vLLM method "draft_model")."""
 
-    train_params: str = "layers"
-    lr_schedule: str = "constant"
-    total_steps: int = 100_000
+    train_params: str
+    lr_schedule: str
+    total_steps: int
 
     def trainer(self, start_dir):
         from lkserve.trainer.train import DraftTrainer
