@@ -1,6 +1,6 @@
 """The adaptation worker: consume capture records -> replay -> train -> evaluate -> gate -> publish -> watch rollback.
 
-One loop, one thread (the engine owns the rest of the CPU):
+One loop, one thread (the engine owns the rest of the CPU; the HTTP port, lkserve.trainer.http, has its own):
 
     read (own pending after a restart, then XREADGROUP + XAUTOCLAIM)  ->  split train / held-out by request id
     -> every `batch_positions` fresh positions: one optimizer step (fresh + `replay_ratio` reservoir)
@@ -59,6 +59,7 @@ from lkserve.trainer.state import AckTracker, TrainingStateStore, read_own_pendi
 from lkserve.trainer.train import set_threads
 
 log = logging.getLogger("lkserve.worker")
+
 
 def _event(event: str, **fields) -> None:
     log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}, default=str))
