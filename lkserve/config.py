@@ -10,6 +10,7 @@ Sections are plain pydantic models so code can build them directly in tests.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -98,24 +99,68 @@ class GatewaySettings(BaseModel):
 DEFAULT_LR = {"draft_model": 3e-3, "eagle3": 1e-3}
 
 
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-worker"
+
+
 class TrainerSettings(BaseModel):
+    """The adaptation worker (`lkserve worker`). What it trains is the engine's: `engine.method` / `draft_model` /
+    `target_model`, K = `engine.num_speculative_tokens`, context = `engine.max_model_len`; where: `redis`, `cache_dir`."""
+
     loss: Literal["lk_lambda", "lk_alpha", "kl", "tv"] = "lk_lambda"
     eta: float = 3.0
     gamma: float = 0.8
     # None: 3e-3 for a draft model, 1e-3 for an EAGLE-3 head (a new SmolLM2 head on 10,879 captured positions:
     # held-out alpha 0.093 after 40 steps at 1e-3, 0.075 at 3e-3; docs/eagle3.md)
     lr: float | None = None
-    batch_positions: int = 1024
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: int = Field(100_000, ge=1, description="length of the cosine schedule")
+    batch_positions: int = Field(1024, ge=1, description="fresh positions per optimizer step")
+    min_fresh_positions: int | None = Field(None, ge=1, description="train once this many wait; None: half a batch")
     grad_clip: float = 1.0
     threads: int = 1
+    train_params: Literal["layers", "layers+head", "all"] = Field(
+        "layers", description="what of a draft model trains (an EAGLE-3 head trains all of its own weights)")
+    seed: int = 0
+    # replay / held-out
+    heldout_fraction: float = Field(0.1, ge=0.0, le=1.0, description="requests kept out of training, by request id")
+    heldout_records: int = Field(256, ge=1)
+    reservoir_records: int = Field(2048, ge=0)
+    replay_ratio: float = Field(0.25, ge=0.0, description="replayed positions per fresh position in a batch")
+    # gate / publish
+    base_version: str = Field("base", description="registry name of the checkpoint the engines start with")
+    eval_every_steps: int = Field(20, ge=1)
+    gate_margin: float = 0.005
+    gate_metric: Literal["alpha_mean", "tau"] = "alpha_mean"
+    gate_min_rows: int = Field(256, ge=1)
+    # rollback
+    rollback_window_tokens: int = Field(2000, ge=1)
+    rollback_margin: float = 0.05
+    # stream and crash safety
     consumer_group: str = "lkserve-trainers"
+    consumer: str = Field(default_factory=default_consumer,
+                          description="stable across restarts: own pending entries are found by name")
+    state_dir: Path | None = Field(None, description="training state; None: <cache_dir>/worker/<consumer>")
+    read_count: int = Field(64, ge=1)
+    block_ms: int = Field(500, ge=0)
+    checkpoint_every_steps: int = Field(10, ge=1)
+    checkpoint_every_seconds: float = 30.0
+    claim_min_idle_ms: int = Field(60_000, ge=0, description="pending records of a silent worker are reclaimed after")
+    keep_ledger: bool = Field(False, description="keep every trained entry id in the state (tests, audits)")
+    exit_when_drained: bool = Field(False, description="stop once the stream has nothing new (tests, batch jobs)")
+    max_steps: int | None = Field(None, description="stop after this many optimizer steps")
+    step_delay: float = Field(0.0, description="sleep after each step (tests: widens a crash window)")
+    # HTTP
     metrics_port: int | None = Field(9100, description="worker HTTP port: /metrics and published checkpoints")
     public_url: str | None = Field(None, description="how gateways reach that port (http://worker:9100): "
                                    "announcements then carry a URL and gateways need no shared filesystem")
-    claim_min_idle_ms: int = Field(60_000, ge=0, description="pending records of a silent worker are reclaimed after")
 
     def lr_for(self, method: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["draft_model"])
+
+    def fresh_threshold(self) -> int:
+        return self.min_fresh_positions if self.min_fresh_positions is not None else max(1, self.batch_positions // 2)
 
 
 class Settings(BaseSettings):

@@ -57,17 +57,15 @@ def test_load_finite_casts_and_refuses_nan_and_overflow(tmp_path):
 
 def test_atomic_dir_publishes_whole_or_nothing(tmp_path):
     final = tmp_path / "v0001"
-    with pytest.raises(RuntimeError):
-        with ck.atomic_dir(final) as tmp:
-            (tmp / "a").write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), ck.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("crash mid-write")
     assert not final.exists() and not list(tmp_path.iterdir())
     with ck.atomic_dir(final) as tmp:
         (tmp / "a").write_text("whole")
     assert (final / "a").read_text() == "whole"
-    with pytest.raises(FileExistsError):
-        with ck.atomic_dir(final):
-            pass
+    with pytest.raises(FileExistsError), ck.atomic_dir(final):
+        pass
     with ck.atomic_dir(final, replace=True) as tmp:
         (tmp / "b").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["b"]

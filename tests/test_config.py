@@ -94,14 +94,32 @@ def test_cli_config_flag_and_bench():
 
 def test_worker_config_follows_the_engine_method_and_its_learning_rate(tmp_path):
     from lkserve.config import EngineSettings, Settings, TrainerSettings
-    from lkserve.trainer.worker import config_from_settings
+    from lkserve.trainer.drafts import ops_for
+    from lkserve.trainer.worker import resolve_models
+
+    def resolved(settings):
+        s = resolve_models(settings)
+        return s.engine.method, s.engine.draft_model, s.engine.target_model, ops_for(s).lr
 
     head = Settings(cache_dir=tmp_path, engine=EngineSettings(method="eagle3", target_model="/m/target",
                                                               draft_model="/m/head"))
-    cfg = config_from_settings(head, redis_url="redis://unused")
-    assert (cfg.method, cfg.base_draft, cfg.target_model, cfg.lr) == ("eagle3", "/m/head", "/m/target", 1e-3)
+    assert resolved(head) == ("eagle3", "/m/head", "/m/target", 1e-3)
     model = Settings(cache_dir=tmp_path, engine=EngineSettings(draft_model="/m/draft"))
-    cfg = config_from_settings(model, redis_url="redis://unused")
-    assert (cfg.method, cfg.base_draft, cfg.target_model, cfg.lr) == ("draft_model", "/m/draft", None, 3e-3)
+    assert resolved(model) == ("draft_model", "/m/draft", None, 3e-3)
     explicit = head.model_copy(update={"trainer": TrainerSettings(lr=5e-4)})
-    assert config_from_settings(explicit, redis_url="redis://unused").lr == 5e-4
+    assert resolved(explicit)[3] == 5e-4
+
+
+def test_trainer_settings_from_env_and_file(monkeypatch, tmp_path):
+    """The worker's knobs follow the same precedence as every section: flags > environment > file > defaults,
+    and enum-like fields refuse unknown names."""
+    path = tmp_path / "lkserve.toml"
+    path.write_text("[trainer]\nloss = 'kl'\ngate_metric = 'tau'\nbatch_positions = 64\n")
+    monkeypatch.setenv("LKSERVE_CONFIG", str(path))
+    monkeypatch.setenv("LKSERVE_TRAINER__BATCH_POSITIONS", "128")
+    t = load_settings().trainer
+    assert (t.loss, t.gate_metric, t.batch_positions, t.fresh_threshold()) == ("kl", "tau", 128, 64)
+    assert load_settings(trainer={"batch_positions": 32}).trainer.batch_positions == 32
+    monkeypatch.setenv("LKSERVE_TRAINER__LOSS", "mse")
+    with pytest.raises(ValueError, match="loss"):
+        load_settings()

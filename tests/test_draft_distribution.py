@@ -11,7 +11,7 @@ from lkserve.checkpoint import sha256_file
 from lkserve.drafts import DraftRegistry
 from lkserve.gateway.draft_fetch import FetchError, fetch_checkpoint
 from lkserve.gateway.draft_updates import DraftManager
-from lkserve.trainer.http import serve_worker_http
+from lkserve.trainer.http import WorkerHTTP
 from lkserve.trainer.publish import register_base
 
 
@@ -19,15 +19,14 @@ from lkserve.trainer.publish import register_base
 def worker_http(redis_url, tiny, tmp_path):
     """A registry whose versions carry URLs, the worker's HTTP server, and version "remote" = the target's weights."""
     registry = DraftRegistry(redis_url, "dist")
-    server = serve_worker_http(0, registry.get, host="127.0.0.1")  # port 0: any free one
-    public = f"http://127.0.0.1:{server.server_address[1]}"
+    server = WorkerHTTP(registry.get, port=0, host="127.0.0.1").start()  # port 0: any free one
+    public = f"http://127.0.0.1:{server.port}"
     registry.public_url = public
     src = tmp_path / "worker-disk" / "remote"
     shutil.copytree(tiny.copy_draft, src)
     registry.register("remote", src, sha256_file(src / "model.safetensors"))
     yield registry, public, src
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def test_worker_serves_registered_checkpoints_only(worker_http):

@@ -181,10 +181,11 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     """The worker loop with method="eagle3": records with hidden states -> Redis stream -> Worker (TTT, LK-lambda,
     truncated vocabulary) -> held-out gate -> published head -> the engine hot-swaps it (as the gateway does) ->
     served acceptance rises. Then a broken head published past the gate is rolled back by the live monitor."""
+    from lkserve.config import EngineSettings, RedisSettings, Settings, TrainerSettings
     from lkserve.drafts import DraftRegistry
     from lkserve.trainer.drafts import Eagle3Ops
     from lkserve.trainer.publish import publish
-    from lkserve.trainer.worker import Worker, WorkerConfig
+    from lkserve.trainer.worker import Worker
 
     head, target = lmodels["head"], lmodels["tiny"].target
     assert le3.run(le3.engine.swap_draft(str(head), "base")).ok
@@ -193,13 +194,15 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     eval_prompts = corpus_prompts(tok, 16, offset=700)
     base_rate, _ = _rate(le3, eval_prompts, 1.0)
     le3.drain()
-    cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(head),
-                       method="eagle3", target_model=str(target), stream="e3cap", key_prefix="e3", consumer="e3w",
-                       lr=1e-2, batch_positions=128, min_fresh_positions=128, replay_ratio=0.5, warmup_steps=5,
-                       eval_every_steps=10, gate_min_rows=64, gate_margin=0.002, heldout_fraction=0.15,
-                       checkpoint_every_steps=20, block_ms=50, read_count=500, threads=1,
-                       rollback_window_tokens=300, rollback_margin=0.015)
-    w = Worker(cfg)
+    settings = Settings(
+        cache_dir=tmp_path / "cache", redis=RedisSettings(url=redis_url, stream="e3cap", key_prefix="e3"),
+        engine=EngineSettings(method="eagle3", draft_model=str(head), target_model=str(target)),
+        trainer=TrainerSettings(consumer="e3w", lr=1e-2, batch_positions=128, min_fresh_positions=128,
+                                replay_ratio=0.5, warmup_steps=5, eval_every_steps=10, gate_min_rows=64,
+                                gate_margin=0.002, heldout_fraction=0.15, checkpoint_every_steps=20, block_ms=50,
+                                read_count=500, threads=1, rollback_window_tokens=300, rollback_margin=0.015,
+                                metrics_port=None))
+    w = Worker(settings)
     reg = DraftRegistry(redis_client, "e3")
     log = []
     for rnd in range(10):
@@ -242,7 +245,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     torch.manual_seed(7)
     with torch.no_grad():
         broken.lm_head.weight.copy_(torch.randn_like(broken.lm_head.weight) * 5)
-    bad = publish(reg, broken, head, cfg.cache_dir, metadata={"test_hook": "broken"}, save=Eagle3Ops.save)
+    bad = publish(reg, broken, head, w.cache_dir, metadata={"test_hook": "broken"}, save=Eagle3Ops.save)
     assert _follow_announcement(le3, reg) == bad["version"]
     for rnd in range(8):
         prompts = corpus_prompts(tok, 12, offset=300 + 12 * rnd)

@@ -17,14 +17,23 @@ import torch
 
 from lkserve.capture.codec import encode
 from lkserve.capture.writer import FIELD
+from lkserve.config import EngineSettings, RedisSettings, Settings, TrainerSettings
 from lkserve.drafts import DraftRegistry
 from lkserve.trainer.publish import publish
 from lkserve.trainer.train import load_draft
-from lkserve.trainer.worker import Worker, WorkerConfig
+from lkserve.trainer.worker import Worker
 
 pytestmark = pytest.mark.slow
 ROUNDS = 10
 torch.set_num_threads(1)
+
+
+def _settings(tiny, redis_url, tmp_path, prefix, **trainer) -> Settings:
+    knobs = {"base_version": "random", "train_params": "all", "block_ms": 50, "read_count": 500, "threads": 1,
+             "metrics_port": None}
+    return Settings(cache_dir=tmp_path / "cache", redis=RedisSettings(url=redis_url, stream="cap", key_prefix=prefix),
+                    engine=EngineSettings(draft_model=str(tiny.random_draft)),
+                    trainer=TrainerSettings(**{**knobs, **trainer}))
 
 
 def _prompts(engine_handle, n, rng, length=12):
@@ -72,12 +81,9 @@ def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client
     h.use_draft("random")
     h.drain()
     rng = np.random.default_rng(0)
-    cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(tiny.random_draft),
-                       base_version="random", stream="cap", key_prefix="cl", consumer="cl1", train_params="all",
-                       lr=1e-2, batch_positions=256, min_fresh_positions=256, replay_ratio=0.5, eval_every_steps=2,
-                       gate_min_rows=64, gate_margin=0.002, heldout_fraction=0.2, checkpoint_every_steps=4,
-                       block_ms=50, read_count=500, threads=1)
-    w = Worker(cfg)
+    w = Worker(_settings(tiny, redis_url, tmp_path, "cl", consumer="cl1", lr=1e-2, batch_positions=256,
+                         min_fresh_positions=256, replay_ratio=0.5, eval_every_steps=2, gate_min_rows=64,
+                         gate_margin=0.002, heldout_fraction=0.2, checkpoint_every_steps=4))
     reg = DraftRegistry(redis_client, "cl")
     start_pos, start_rate, recs = _traffic(h, rng)
     log = [(0, "random", round(start_rate, 4), start_pos.round(3).tolist(), None)]
@@ -111,11 +117,9 @@ def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, re
     h.use_draft("random")
     h.drain()
     rng = np.random.default_rng(1)
-    cfg = WorkerConfig(redis_url=redis_url, cache_dir=str(tmp_path / "cache"), base_draft=str(tiny.random_draft),
-                       base_version="random", stream="cap", key_prefix="rb", consumer="rb1", train_params="all",
-                       batch_positions=100_000, min_fresh_positions=100_000, block_ms=50, read_count=500,
-                       rollback_window_tokens=400, rollback_margin=0.015, threads=1)
-    w = Worker(cfg)  # training effectively off: this test is about the monitor
+    w = Worker(_settings(tiny, redis_url, tmp_path, "rb", consumer="rb1", batch_positions=100_000,
+                         min_fresh_positions=100_000, rollback_window_tokens=400, rollback_margin=0.015))
+    # training effectively off: this test is about the monitor
     reg = DraftRegistry(redis_client, "rb")
     _, base_rate, recs = _traffic(h, rng)
     _push(redis_client, recs)
@@ -126,7 +130,7 @@ def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, re
         for p in broken.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
         broken.lm_head.weight.mul_(10)
-    meta = publish(reg, broken, tiny.random_draft, cfg.cache_dir, metadata={"test_hook": "broken"})
+    meta = publish(reg, broken, tiny.random_draft, w.cache_dir, metadata={"test_hook": "broken"})
     assert _apply_announcement(h, reg) == meta["version"]
     rolled_after, tokens = None, 0
     for rnd in range(1, 7):

@@ -126,16 +126,16 @@ def test_eagle3_versions_keep_the_base_heads_config_dtype_and_vocabulary(tiny, t
     included, and it loads back to the trained weights."""
     from safetensors import safe_open
 
+    from lkserve.config import EngineSettings, Settings
     from lkserve.models.eagle3 import build_eagle3_head
     from lkserve.trainer.drafts import Eagle3Ops, ops_for
-    from lkserve.trainer.worker import WorkerConfig
 
     base = build_eagle3_head(tiny.target, tmp_path / "base", draft_vocab_size=256, aux_layer_ids=[0, 1, 2],
                              dtype=torch.bfloat16)
-    cfg = WorkerConfig(redis_url="redis://unused", cache_dir=str(tmp_path), base_draft=str(base), method="eagle3",
-                       target_model=str(tiny.target))
-    ops = ops_for(cfg)
-    assert isinstance(ops, Eagle3Ops) and ops.num_positions == cfg.num_positions
+    settings = Settings(cache_dir=tmp_path, engine=EngineSettings(method="eagle3", draft_model=str(base),
+                                                                  target_model=str(tiny.target)))
+    ops = ops_for(settings)
+    assert isinstance(ops, Eagle3Ops) and ops.num_positions == settings.engine.num_speculative_tokens
     head = ops.load(base)
     with torch.no_grad():
         head.fc.weight.add_(0.25)
@@ -151,6 +151,6 @@ def test_eagle3_versions_keep_the_base_heads_config_dtype_and_vocabulary(tiny, t
     assert torch.allclose(back.fc.weight, head.fc.weight, atol=0.02)
     assert not torch.allclose(back.fc.weight, ops.load(base).fc.weight, atol=0.1)
     with pytest.raises(ValueError, match="target_model"):
-        ops_for(WorkerConfig(redis_url="r", cache_dir=str(tmp_path), base_draft=str(base), method="eagle3"))
+        ops_for(Settings(cache_dir=tmp_path, engine=EngineSettings(method="eagle3", draft_model=str(base))))
     with pytest.raises(ValueError, match="ngram"):
-        ops_for(WorkerConfig(redis_url="r", cache_dir=str(tmp_path), base_draft=str(base), method="ngram"))
+        ops_for(Settings(cache_dir=tmp_path, engine=EngineSettings(method="ngram", draft_model=str(base))))

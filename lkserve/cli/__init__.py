@@ -71,7 +71,8 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice", "eagle3_losses")
+BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice",
+           "eagle3_losses", "lk_vs_kl_tiny")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

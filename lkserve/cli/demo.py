@@ -105,20 +105,19 @@ class Child:
         self.log.close()
 
 
-def worker_config(settings: Settings, redis_url: str, draft_dir: Path, out: Path, metrics_port: int,
-                  method: str = "draft_model", target_dir: Path | None = None) -> dict:
-    """WorkerConfig fields tuned for a short CPU demo: small steps, frequent held-out evaluation. An EAGLE-3 head's
+def worker_settings(settings: Settings, redis_url: str, draft_dir: Path, target_dir: Path, out: Path,
+                    metrics_port: int, method: str) -> Settings:
+    """The worker's Settings, tuned for a short CPU demo: small steps, frequent held-out evaluation. An EAGLE-3 head's
     records carry the target's hidden states (~1 MB per SmolLM2 request), so it keeps fewer of them in memory."""
-    t = settings.trainer
     per_method = {"reservoir_records": 192, "heldout_records": 48} if method == "eagle3" else {}
-    return {"redis_url": redis_url, "cache_dir": str(out / "worker"), "base_draft": str(draft_dir),
-            "method": method, "target_model": str(target_dir) if target_dir else None, **per_method,
-            "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
-            "consumer": "demo-worker", "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(method),
-            "batch_positions": 512, "min_fresh_positions": 256, "warmup_steps": 8, "grad_clip": t.grad_clip, "threads": 1,
-            "num_positions": settings.engine.num_speculative_tokens, "eval_every_steps": 4, "gate_min_rows": 128,
-            "heldout_fraction": 0.1, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
-            "public_url": f"http://127.0.0.1:{metrics_port}"}
+    trainer = settings.trainer.model_copy(update={
+        "consumer": "demo-worker", "batch_positions": 512, "min_fresh_positions": 256, "warmup_steps": 8,
+        "eval_every_steps": 4, "gate_min_rows": 128, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
+        "public_url": f"http://127.0.0.1:{metrics_port}", **per_method})
+    engine = settings.engine.model_copy(update={"method": method, "draft_model": str(draft_dir),
+                                                "target_model": str(target_dir)})
+    return settings.model_copy(update={"cache_dir": out / "worker", "engine": engine, "trainer": trainer,
+                                       "redis": settings.redis.model_copy(update={"url": redis_url})})
 
 
 # -------------------------------------------------------------------------------------------------- traffic
@@ -328,6 +327,18 @@ def wait_ready(url: str, child: Child, timeout: float = 600) -> None:
     raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log.name}")
 
 
+def summarize(cfg: DemoConfig, state: DemoState, target: str, draft: str, pids: dict[str, int]) -> dict:
+    """What summary.json holds: the run's config, acceptance by version and by phase, swaps, the worker's held-out
+    curve, every sample, and the pids of what the demo started (its test checks none is left)."""
+    return {"config": asdict(cfg), "target": target, "draft": draft, "requests": len(state.samples),
+            "errors": state.errors, "domain_shift_t": state.shift_t, "swaps": state.swaps,
+            "heldout": state.heldout,
+            "by_version": by_version(state.samples), "worker": state.worker,
+            "by_phase": {p: by_version([s for s in state.samples if s.phase == p]) for p in ("MT-bench", "HumanEval")},
+            "pids": pids,
+            "samples": [asdict(s) for s in state.samples]}
+
+
 def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
     from rich.console import Console
     from rich.live import Live
@@ -361,11 +372,11 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
                "LKSERVE_CACHE_DIR": str(settings.cache_dir)}
         if cfg.method == "eagle3":  # the head trains on the target's hidden states: capture them
             env["LKSERVE_CAPTURE__HIDDEN_STATES"] = "true"
-        (out / "worker.json").write_text(json.dumps(worker_config(settings, redis.url, Path(draft), out, metrics_port,
-                                                                  cfg.method, Path(target)), indent=2))
+        worker = worker_settings(settings, redis.url, Path(draft), Path(target), out, metrics_port, cfg.method)
+        (out / "worker.json").write_text(worker.model_dump_json(indent=2, exclude={"gateway"}))
         console.print(f"starting the gateway on {gateway} (vLLM, ~30 s) and the worker ...")
         children.append(Child("gateway", [sys.executable, "-m", "lkserve.cli", "serve"], env, out / "gateway.log"))
-        children.append(Child("worker", [sys.executable, "-m", "lkserve.trainer", "--config",
+        children.append(Child("worker", [sys.executable, "-m", "lkserve.trainer", "--settings",
                                          str(out / "worker.json")], env, out / "worker.log"))
         pids.update({c.name: c.proc.pid for c in children})
         wait_ready(f"{gateway}/ready", children[0])
@@ -379,14 +390,7 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
         for child in reversed(children):
             child.stop()
         redis.stop()
-    summary = {"config": asdict(cfg), "target": target, "draft": draft, "requests": len(state.samples),
-               "errors": state.errors, "domain_shift_t": state.shift_t, "swaps": state.swaps,
-               "heldout": state.heldout,
-               "by_version": by_version(state.samples), "worker": state.worker,
-               "by_phase": {p: by_version([s for s in state.samples if s.phase == p])
-                            for p in ("MT-bench", "HumanEval")},
-               "pids": pids,
-               "samples": [asdict(s) for s in state.samples]}
+    summary = summarize(cfg, state, target, draft, pids)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if state.samples:
         plot(state, out / "acceptance.png")

@@ -1,30 +1,27 @@
-"""`python -m lkserve.trainer [--config worker.json]`: run the adaptation worker.
+"""`python -m lkserve.trainer [--settings FILE]`: run the adaptation worker.
 
-With --config, the JSON holds WorkerConfig fields; without, everything comes from lkserve Settings (environment).
+Without --settings everything comes from lkserve Settings (environment, LKSERVE_CONFIG). FILE is a JSON dump of
+Settings (`lkserve config show` prints one; the demo writes one): its values are taken as given, above the
+environment, so a worker runs with exactly what its parent decided.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m lkserve.trainer")
-    ap.add_argument("--config", help="JSON file of WorkerConfig fields")
+    ap.add_argument("--settings", help="JSON file of Settings (explicit values: they beat the environment)")
     args = ap.parse_args(argv)
-    if args.config:
-        from lkserve.trainer.worker import Worker, WorkerConfig
+    from lkserve.config import load_settings
+    from lkserve.trainer.worker import run_worker
 
-        logging.basicConfig(level=os.environ.get("LKSERVE_LOG_LEVEL", "INFO"), format="%(message)s")
-        with open(args.config) as f:
-            Worker(WorkerConfig(**json.load(f))).run()
+    if args.settings:
+        with open(args.settings) as f:
+            run_worker(load_settings(**json.load(f)))
     else:
-        from lkserve.config import load_settings
-        from lkserve.trainer.worker import run_worker
-
         run_worker(load_settings())
 
 

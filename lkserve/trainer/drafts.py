@@ -22,7 +22,7 @@ from lkserve.checkpoint import checkpoint_float_dtype
 
 @dataclass(kw_only=True)
 class TrainingKnobs:
-    """What both kinds take from WorkerConfig."""
+    """What both kinds take from the settings (TrainerSettings, EngineSettings)."""
 
     loss: str
     eta: float
@@ -32,16 +32,16 @@ class TrainingKnobs:
     num_positions: int  # K
     max_context: int
     batch_positions: int
-    warmup_steps: int = 0
+    warmup_steps: int
 
 
 @dataclass(kw_only=True)
 class DraftModelOps(TrainingKnobs):
     """A small causal LM drafting on its own (vLLM method "draft_model")."""
 
-    train_params: str = "layers"
-    lr_schedule: str = "constant"
-    total_steps: int = 100_000
+    train_params: str
+    lr_schedule: str
+    total_steps: int
 
     def trainer(self, start_dir):
         from lkserve.trainer.train import DraftTrainer
@@ -125,16 +125,17 @@ class Eagle3Ops(TrainingKnobs):
         shutil.copy2(Path(source_dir) / "config.json", Path(out_dir) / "config.json")
 
 
-def ops_for(cfg):
-    """The ops of a WorkerConfig's `method`."""
-    common = {"loss": cfg.loss, "eta": cfg.eta, "gamma": cfg.gamma, "lr": cfg.lr, "grad_clip": cfg.grad_clip,
-              "num_positions": cfg.num_positions, "max_context": cfg.max_context,
-              "batch_positions": cfg.batch_positions, "warmup_steps": cfg.warmup_steps}
-    if cfg.method == "draft_model":
-        return DraftModelOps(train_params=cfg.train_params, lr_schedule=cfg.lr_schedule,
-                             total_steps=cfg.total_steps, **common)
-    if cfg.method == "eagle3":
-        if not cfg.target_model:
+def ops_for(settings):
+    """The ops of `settings.engine.method`, with the knobs of `settings.trainer` (lkserve.config.Settings)."""
+    t, engine = settings.trainer, settings.engine
+    common = {"loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(engine.method), "grad_clip": t.grad_clip,
+              "num_positions": engine.num_speculative_tokens, "max_context": engine.max_model_len,
+              "batch_positions": t.batch_positions, "warmup_steps": t.warmup_steps}
+    if engine.method == "draft_model":
+        return DraftModelOps(train_params=t.train_params, lr_schedule=t.lr_schedule, total_steps=t.total_steps,
+                             **common)
+    if engine.method == "eagle3":
+        if not engine.target_model:
             raise ValueError("method='eagle3' needs target_model: the head shares the target's token embedding")
-        return Eagle3Ops(target_dir=str(cfg.target_model), **common)
-    raise ValueError(f"the worker trains method 'draft_model' or 'eagle3', not {cfg.method!r}")
+        return Eagle3Ops(target_dir=str(engine.target_model), **common)
+    raise ValueError(f"the worker trains method 'draft_model' or 'eagle3', not {engine.method!r}")

@@ -66,11 +66,6 @@ class Batch(RowTemperature):
     dropped_positions: int = 0
 
 
-
-def record_positions(record: VerificationRecord) -> int:
-    return record.num_positions
-
-
 def target_rows(record: VerificationRecord, sel: np.ndarray, k_max: int):
     """The logged target of positions `sel` of a record, padded to k_max columns: (ids [n, k_max] int64, -1 =
     padding; probs [n, k_max] fp32; residual [n] fp32 clipped to [0, 1])."""

@@ -42,8 +42,10 @@ class Item:
 
 
 class ReplayBuffer:
-    def __init__(self, heldout_fraction: float = 0.1, heldout_records: int = 256, reservoir_records: int = 2048,
-                 replay_ratio: float = 0.25, seed: int = 0):
+    """Sizes and ratios: TrainerSettings (heldout_fraction, heldout_records, reservoir_records, replay_ratio, seed)."""
+
+    def __init__(self, heldout_fraction: float, heldout_records: int, reservoir_records: int, replay_ratio: float,
+                 seed: int):
         self.heldout_fraction = heldout_fraction
         self.replay_ratio = replay_ratio
         self.reservoir_records = reservoir_records

@@ -1,6 +1,6 @@
 """The adaptation worker: consume capture records -> replay -> train -> evaluate -> gate -> publish -> watch rollback.
 
-One loop, one thread (the engine owns the rest of the CPU):
+One loop, one thread (the engine owns the rest of the CPU; the HTTP port, lkserve.trainer.http, has its own):
 
     read (own pending after a restart, then XREADGROUP + XAUTOCLAIM)  ->  split train / held-out by request id
     -> every `batch_positions` fresh positions: one optimizer step (fresh + `replay_ratio` reservoir)
@@ -20,14 +20,13 @@ import logging
 import math
 import os
 import signal
-import socket
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
 
 from lkserve.capture.reader import StreamReader
+from lkserve.config import Settings
 from lkserve.drafts import DraftRegistry
 from lkserve.metrics.worker import (
     M_ACKED,
@@ -52,6 +51,7 @@ from lkserve.metrics.worker import (
 )
 from lkserve.trainer.drafts import ops_for
 from lkserve.trainer.gate import Gate
+from lkserve.trainer.http import WorkerHTTP
 from lkserve.trainer.publish import clean_partial, publish, register_base
 from lkserve.trainer.replay import ReplayBuffer
 from lkserve.trainer.rollback import RollbackMonitor, manual_rollback
@@ -60,90 +60,38 @@ from lkserve.trainer.train import set_threads
 
 log = logging.getLogger("lkserve.worker")
 
+
 def _event(event: str, **fields) -> None:
     log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}, default=str))
 
 
-@dataclass
-class WorkerConfig:
-    redis_url: str
-    cache_dir: str
-    base_draft: str  # checkpoint dir the engines start with (a draft model, or an EAGLE-3 head)
-    base_version: str = "base"
-    method: str = "draft_model"  # what base_draft is: "draft_model" or "eagle3" (as EngineSettings.method)
-    target_model: str | None = None  # the target's checkpoint dir; eagle3 needs it (the head shares its embedding)
-    stream: str = "lkserve:capture"
-    key_prefix: str = "lkserve"
-    group: str = "lkserve-trainers"
-    consumer: str | None = None  # stable across restarts (own pending entries are found by name)
-    # training (TrainerSettings)
-    loss: str = "lk_lambda"
-    eta: float = 3.0
-    gamma: float = 0.8
-    lr: float = 3e-3
-    batch_positions: int = 1024
-    grad_clip: float = 1.0
-    threads: int = 1
-    # training (worker-only knobs)
-    train_params: str = "layers"  # draft models only (an EAGLE-3 head trains all of its own weights)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    total_steps: int = 100_000
-    num_positions: int = 4  # K
-    max_context: int = 2048
-    min_fresh_positions: int | None = None  # default batch_positions // 2
-    # replay / held-out
-    heldout_fraction: float = 0.1
-    heldout_records: int = 256
-    reservoir_records: int = 2048
-    replay_ratio: float = 0.25
-    # gate / publish
-    eval_every_steps: int = 20
-    gate_margin: float = 0.005
-    gate_metric: str = "alpha_mean"
-    gate_min_rows: int = 256
-    # crash safety
-    checkpoint_every_steps: int = 10
-    checkpoint_every_seconds: float = 30.0
-    claim_min_idle_ms: int = 60_000
-    keep_ledger: bool = False  # keep every trained entry id in the state (tests, audits)
-    # rollback
-    rollback_window_tokens: int = 2000
-    rollback_margin: float = 0.05
-    # plumbing
-    read_count: int = 64
-    block_ms: int = 500
-    metrics_port: int | None = None  # HTTP: /metrics and the registered checkpoints (lkserve.trainer.http)
-    public_url: str | None = None  # how gateways reach that port, e.g. http://worker:9100 (None: shared disk only)
-    seed: int = 0
-    max_steps: int | None = None  # stop after this many steps (tests)
-    step_delay: float = 0.0  # test hook: sleep after each step (makes a crash window easy to hit)
-    exit_when_drained: bool = False  # stop once the stream has nothing new (tests, batch jobs)
-    state_dir: str | None = None  # default <cache>/worker/<consumer>
-
-    def __post_init__(self):
-        self.consumer = self.consumer or f"{socket.gethostname()}-worker"
-        if self.min_fresh_positions is None:
-            self.min_fresh_positions = max(1, self.batch_positions // 2)
-        if self.state_dir is None:
-            self.state_dir = str(Path(self.cache_dir) / "worker" / self.consumer)
-
-
 class Worker:
-    def __init__(self, cfg: WorkerConfig):
-        self.cfg = cfg
+    """The loop. `settings` is taken as is: redis.url and engine.draft_model must be set (and engine.target_model
+    for an EAGLE-3 head); `run_worker` fills them in (embedded Redis, default models) when they are not."""
+
+    def __init__(self, settings: Settings):
+        if not settings.redis.url or not settings.engine.draft_model:
+            raise ValueError("the worker needs settings.redis.url and settings.engine.draft_model (see run_worker)")
+        self.settings = settings
+        self.cfg = cfg = settings.trainer
+        self.method = settings.engine.method
+        self.base_draft = settings.engine.draft_model
+        self.cache_dir = Path(settings.cache_dir)
+        self.stream = settings.redis.stream
+        self.state_dir = cfg.state_dir or self.cache_dir / "worker" / cfg.consumer
         set_threads(cfg.threads)
-        self.ops = ops_for(cfg)
-        self.client = redis.Redis.from_url(cfg.redis_url)
-        self.registry = DraftRegistry(self.client, cfg.key_prefix, public_url=cfg.public_url)
-        self.reader = StreamReader(cfg.redis_url, cfg.stream, cfg.group, cfg.consumer,
+        self.ops = ops_for(settings)
+        self.client = redis.Redis.from_url(settings.redis.url)
+        self.registry = DraftRegistry(self.client, settings.redis.key_prefix, public_url=cfg.public_url)
+        self.reader = StreamReader(settings.redis.url, self.stream, cfg.consumer_group, cfg.consumer,
                                    claim_min_idle_ms=cfg.claim_min_idle_ms)
-        self.store = TrainingStateStore(cfg.state_dir)
+        self.store = TrainingStateStore(self.state_dir)
         self.tracker = AckTracker()
         self.replay = ReplayBuffer(cfg.heldout_fraction, cfg.heldout_records, cfg.reservoir_records,
                                    cfg.replay_ratio, cfg.seed)
         self.gate = Gate(cfg.gate_margin, cfg.gate_metric, cfg.gate_min_rows, evaluate=self.ops.evaluate)
         self.monitor = RollbackMonitor(cfg.rollback_window_tokens, cfg.rollback_margin)
+        self.http: WorkerHTTP | None = None
         self.ledger: list[str] = []
         self.counters = {"records": 0, "heldout_records": 0, "positions_trained": 0, "published": 0,
                          "rejected": 0, "rolled_back": 0, "records_without_hidden_states": 0}
@@ -158,13 +106,13 @@ class Worker:
     # -- setup / restore --------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        removed = clean_partial(cfg.cache_dir)
-        register_base(self.registry, cfg.base_draft, cfg.base_version)
+        removed = clean_partial(self.cache_dir)
+        register_base(self.registry, self.base_draft, cfg.base_version)
         state = self.store.load()
-        start_dir = cfg.base_draft
+        start_dir = self.base_draft
         if state is None:  # no training state: continue from whatever serves now
             cur = self.registry.get(self.registry.current() or cfg.base_version)
-            start_dir = cur["path"] if cur else cfg.base_draft
+            start_dir = cur["path"] if cur else self.base_draft
         self.trainer = self.ops.trainer(start_dir)
         restored = 0
         if state is not None:
@@ -179,11 +127,11 @@ class Worker:
             restored = len(included)
         self.serving_version = None
         self._load_serving()
-        pending = read_own_pending(self.client, cfg.stream, cfg.group, cfg.consumer)
+        pending = read_own_pending(self.client, self.stream, cfg.consumer_group, cfg.consumer)
         self._intake(pending)
         _event("worker_start", consumer=cfg.consumer, restored_checkpoint=state is not None,
                step=self.trainer.step_count, own_pending=len(pending), acked_from_checkpoint=restored,
-               removed_partial_dirs=removed, serving=self.serving_version, loss=cfg.loss, method=cfg.method)
+               removed_partial_dirs=removed, serving=self.serving_version, loss=cfg.loss, method=self.method)
 
     def _load_serving(self) -> None:
         version = self.registry.current() or self.cfg.base_version
@@ -195,10 +143,9 @@ class Worker:
 
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
-        if self.cfg.metrics_port:
-            from lkserve.trainer.http import serve_worker_http
-
-            serve_worker_http(self.cfg.metrics_port, self.registry.get)
+        """Until stopped (SIGTERM/SIGINT, `exit_when_drained`, `max_steps`); the HTTP port lives exactly as long."""
+        if self.cfg.metrics_port is not None:  # 0: any free port (self.http.port)
+            self.http = WorkerHTTP(self.registry.get, port=self.cfg.metrics_port).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, lambda *_: self.stop())
@@ -210,7 +157,11 @@ class Worker:
                 if self.cfg.max_steps is not None and self.trainer.step_count >= self.cfg.max_steps:
                     break
         finally:
-            self.checkpoint(force=True)
+            try:
+                self.checkpoint(force=True)
+            finally:
+                if self.http is not None:
+                    self.http.stop()
             _event("worker_stop", step=self.trainer.step_count, **self.counters)
 
     def stop(self) -> None:
@@ -229,7 +180,7 @@ class Worker:
                 self.train_step()  # the remainder, smaller than min_fresh_positions
             self.stop()
             return
-        while self.replay.fresh_positions >= self.cfg.min_fresh_positions and not self.stopping:
+        while self.replay.fresh_positions >= self.cfg.fresh_threshold() and not self.stopping:
             self.train_step()
             if self.cfg.max_steps is not None and self.trainer.step_count >= self.cfg.max_steps:
                 break
@@ -250,7 +201,7 @@ class Worker:
                 continue
             self.tracker.hold(eid)
             self.monitor.observe(rec)
-            if self.cfg.method == "eagle3" and rec.num_positions and rec.hidden_states is None:
+            if self.method == "eagle3" and rec.num_positions and rec.hidden_states is None:
                 self.counters["records_without_hidden_states"] += 1
                 if self.counters["records_without_hidden_states"] == 1:
                     _event("warning", message="EAGLE-3 training needs records with the target's hidden states: "
@@ -267,7 +218,7 @@ class Worker:
         if dt >= 10:
             M_RPS.set(self._rate_n / dt)
             self._rate_t0, self._rate_n = time.monotonic(), 0
-            observe_stream(self.client, self.cfg.stream, self.cfg.group)
+            observe_stream(self.client, self.stream, self.cfg.consumer_group)
 
     def train_step(self) -> None:
         fresh, replayed = self.replay.next_batch(self.cfg.batch_positions)
@@ -331,9 +282,9 @@ class Worker:
                 self.counters["rejected"] += 1
                 M_REJECTED.inc()
             return None
-        meta = publish(self.registry, self.trainer.model, self.cfg.base_draft, self.cfg.cache_dir,
+        meta = publish(self.registry, self.trainer.model, self.base_draft, self.cache_dir,
                        save=self.ops.save, metadata={
-            "method": self.cfg.method, "loss": self.cfg.loss, "eta": self.cfg.eta, "step": self.trainer.step_count,
+            "method": self.method, "loss": self.cfg.loss, "eta": self.cfg.eta, "step": self.trainer.step_count,
             "records_seen": self.counters["records"], "positions_trained": self.counters["positions_trained"],
             "heldout_alpha_before": d.serving.alpha_mean, "heldout_alpha_after": d.candidate.alpha_mean,
             "heldout_tau_before": d.serving.tau, "heldout_tau_after": d.candidate.tau,
@@ -368,7 +319,7 @@ class Worker:
             return
         included = self.tracker.to_checkpoint()
         state = {"trainer": self.trainer.state_dict(), "replay": self.replay.state(), "included_ids": included,
-                 "ledger": self.ledger, "counters": dict(self.counters), "config": asdict(self.cfg),
+                 "ledger": self.ledger, "counters": dict(self.counters), "config": self.settings.model_dump(mode="json"),
                  "saved_at": time.time()}
         seconds = self.store.save(state)
         self.tracker.checkpointed()
@@ -381,35 +332,29 @@ class Worker:
                seconds=round(seconds, 3))
 
 
-def config_from_settings(settings, **overrides) -> WorkerConfig:
-    """WorkerConfig from lkserve Settings (Redis URL resolved by the caller or an embedded server started)."""
+def resolve_models(settings: Settings) -> Settings:
+    """`settings` with the draft (and, for an EAGLE-3 head, the target) filled in by the default SmolLM2 models when
+    unset; a draft model trains without its target."""
+    method, engine = settings.engine.method, settings.engine
+    if engine.draft_model is not None and (engine.target_model is not None or method != "eagle3"):
+        return settings
+    from lkserve.models.prepare import prepare_default_models
+
+    target, draft = prepare_default_models(settings.cache_dir, method=method)
+    engine = engine.model_copy(update={"draft_model": engine.draft_model or str(draft),
+                                       "target_model": engine.target_model or str(target)})
+    return settings.model_copy(update={"engine": engine})
+
+
+def run_worker(settings: Settings) -> None:
+    """What `lkserve worker` calls: an embedded Redis if no URL is set (stopped at exit), default models, run."""
     from lkserve.capture.embedded_redis import resolve_redis_url
 
-    url = overrides.pop("redis_url", None)
-    if url is None:
-        url, handle = resolve_redis_url(settings)
-        overrides["_redis_handle"] = handle
-    method = overrides.pop("method", None) or settings.engine.method
-    base = overrides.pop("base_draft", None) or settings.engine.draft_model
-    target = overrides.pop("target_model", None) or settings.engine.target_model
-    if base is None or (target is None and method == "eagle3"):  # a draft model trains without its target
-        from lkserve.models.prepare import prepare_default_models
-
-        default_target, default_draft = prepare_default_models(settings.cache_dir, method=method)
-        base, target = base or default_draft, target or default_target
-    t = settings.trainer
-    overrides.pop("_redis_handle", None)
-    kw = {"redis_url": url, "cache_dir": str(settings.cache_dir), "base_draft": str(base), "method": method,
-          "target_model": str(target) if target else None,
-          "stream": settings.redis.stream, "key_prefix": settings.redis.key_prefix, "group": t.consumer_group,
-          "loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(method), "batch_positions": t.batch_positions,
-          "grad_clip": t.grad_clip, "threads": t.threads, "num_positions": settings.engine.num_speculative_tokens,
-          "max_context": settings.engine.max_model_len, "metrics_port": t.metrics_port, "public_url": t.public_url}
-    kw.update(overrides)
-    return WorkerConfig(**kw)
-
-
-def run_worker(settings, **overrides) -> None:
-    """What `lkserve worker` calls: build the config from Settings (+ overrides: any WorkerConfig field), run."""
     logging.basicConfig(level=os.environ.get("LKSERVE_LOG_LEVEL", "INFO"), format="%(message)s")
-    Worker(config_from_settings(settings, **overrides)).run()
+    url, handle = resolve_redis_url(settings)
+    try:
+        settings = resolve_models(settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})}))
+        Worker(settings).run()
+    finally:
+        if handle is not None:
+            handle.stop()
