@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_eagle3 import AUX_LAYERS, TRUNC_VOCAB, K, corpus_prompts
-from tests.fixtures_engine import EngineHandle, _capture, _settings, _start, _stop
+from tests.conftest import (
+    AUX_LAYERS,
+    TRUNC_VOCAB,
+    EngineHandle,
+    K,
+    _capture,
+    _settings,
+    _start,
+    _stop,
+    corpus_prompts,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +64,7 @@ def reference(lmodels, engine_loop):
 
 @pytest.fixture(scope="module")
 def le3(lmodels, engine_loop, reference):
-    from tests.fixtures_eagle3 import eagle3_capture, eagle3_settings
+    from tests.conftest import eagle3_capture, eagle3_settings
 
     engine = _start(engine_loop, eagle3_settings(lmodels["tiny"], lmodels["head"]), eagle3_capture(),
                     draft_version="base")
@@ -259,7 +268,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
 def test_trained_head_loads_in_a_fresh_engine(le3, lmodels, engine_loop, reference):
     """The head the trainer saved starts a new engine and serves exactly as it did after the hot-swap (T=0: same
     tokens, same per-step acceptance), and stays lossless."""
-    from tests.fixtures_eagle3 import eagle3_capture, eagle3_settings
+    from tests.conftest import eagle3_capture, eagle3_settings
 
     assert "trained" in STATE, "needs test_online_training_from_scratch_raises_acceptance"
     _stop(engine_loop, le3.engine)  # one engine at a time

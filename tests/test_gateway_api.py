@@ -1,7 +1,7 @@
 """The gateway live: uvicorn on a loopback port around the session's tiny spec engine (real vLLM), real Redis, and
 the official `openai` client (sync and async, streaming and not).
 
-The server runs on the engine's own event loop (fixtures_engine.LoopThread); tests talk to it over HTTP from the
+The server runs on the engine's own event loop (conftest.LoopThread); tests talk to it over HTTP from the
 main thread. Everything that changes the shared engine (draft version, capture setting) is put back afterwards.
 """
 
