@@ -94,7 +94,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     plan = serving.Plan(
         rid,
         [g.Job(i, prompt_ids, g.build_sampling(body, max_tokens, i), f"{rid}-{i}") for i in range(body.n)],
-        {i: g.ChoiceState(index=i, prompt_tokens=len(prompt_ids)) for i in range(body.n)},
+        {i: g.ChoiceState(index=i) for i in range(body.n)},
         len(prompt_ids),
     )
     return await serving.serve(request, body, model, plan, _Chat())

@@ -94,7 +94,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         for i in range(body.n):
             index = p_idx * body.n + i
             plan.jobs.append(g.Job(index, ids, g.build_sampling(body, max_tokens, i), f"{rid}-{index}"))
-            plan.states[index] = g.ChoiceState(index=index, prompt_tokens=len(ids))
+            plan.states[index] = g.ChoiceState(index=index)
             if body.echo:
                 echo_text[index] = text if text is not None else engine.tokenizer.decode(ids)
     return await serving.serve(request, body, model, plan, _Completions(echo_text))
