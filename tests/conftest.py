@@ -335,3 +335,88 @@ def eagle3_reference(tiny, engine_loop):
 def start_eagle3_engine(tiny, engine_loop, head: Path, version: str, **capture_kw) -> EngineHandle:
     engine = _start(engine_loop, eagle3_settings(tiny, head), eagle3_capture(**capture_kw), draft_version=version)
     return EngineHandle(engine, engine_loop)
+
+
+# ------------------------------------------------------------------------------------------------ closed loop
+class DraftSubscriber:
+    """The gateway's announcement subscriber (a real DraftManager) on an engine, subscribed to Redis pub/sub."""
+
+    def __init__(self, handle: EngineHandle, redis_url: str, key_prefix: str):
+        from redis import asyncio as aredis
+
+        from lkserve.gateway.draft_updates import DraftManager
+
+        self.handle = handle
+
+        async def start():
+            self.client = aredis.Redis.from_url(redis_url)
+            self.manager = DraftManager(handle.engine, channel=f"{key_prefix}:drafts")
+            self.manager.start(self.client)
+            await self.manager.wait_subscribed()
+
+        handle.run(start())
+        self.seen = len(self.manager.history)
+
+    def follow(self, registry, timeout: float = 60) -> str | None:
+        """Wait until the engine serves the last announced version (`<prefix>:drafts:latest`); the version the
+        subscriber swapped in since the previous call, None if none. Every swap must have succeeded."""
+        import json
+        import time
+
+        raw = registry.client.get(registry.k["latest"])
+        deadline = time.monotonic() + timeout
+        while raw is not None and self.handle.engine.draft_version != json.loads(raw)["version"]:
+            refused = [e for e in list(self.manager.history)[self.seen:] if not e.ok]
+            assert not refused, refused
+            assert time.monotonic() < deadline, f"announcement {raw!r} not applied: {self.manager.status()}"
+            time.sleep(0.05)
+        new = list(self.manager.history)[self.seen:]
+        self.seen += len(new)
+        assert all(e.ok for e in new), new
+        return new[-1].version if new else None
+
+    def stop(self) -> None:
+        async def stop():
+            await self.manager.stop()
+            await self.client.aclose()
+
+        self.handle.run(stop())
+
+
+@pytest.fixture
+def draft_subscriber(redis_url):
+    """start(engine handle, key_prefix) -> DraftSubscriber; stopped after the test."""
+    subscribers = []
+
+    def start(handle: EngineHandle, key_prefix: str) -> DraftSubscriber:
+        subscribers.append(DraftSubscriber(handle, redis_url, key_prefix))
+        return subscribers[-1]
+
+    yield start
+    for s in subscribers:
+        s.stop()
+
+
+@pytest.fixture
+def capture_writer(redis_url):
+    """open(stream) -> the RedisStreamWriter the engine's Redis sink uses; closed after the test."""
+    from lkserve.capture.writer import RedisStreamWriter
+
+    writers = []
+
+    def open_(stream: str) -> RedisStreamWriter:
+        writers.append(RedisStreamWriter(redis_url, stream=stream, queue_size=100_000, max_queue_bytes=1 << 30))
+        return writers[-1]
+
+    yield open_
+    for w in writers:
+        w.close()
+
+
+def write_records(writer, records) -> None:
+    """Hand the engine's records to the writer and wait until every one is in the stream."""
+    before = writer.written
+    for r in records:
+        assert writer.put(r), writer.dropped_by_reason
+    assert writer.flush(timeout=60)
+    assert writer.written == before + len(records), (writer.written, before, len(records), writer.dropped_by_reason)
