@@ -24,6 +24,7 @@ from tests.conftest import (
     _start,
     _stop,
     corpus_prompts,
+    write_records,
 )
 
 pytestmark = pytest.mark.slow
@@ -163,33 +164,12 @@ def test_online_training_from_scratch_raises_acceptance(le3, lmodels):
     assert n_acc > 0
 
 
-def _push(client, stream, records):
-    from lkserve.capture.codec import encode
-    from lkserve.capture.writer import FIELD
-
-    pipe = client.pipeline(transaction=False)
-    for r in records:
-        pipe.xadd(stream, {FIELD: encode(r)})
-    pipe.execute()
-
-
-def _follow_announcement(handle, reg):
-    """What the gateway's subscriber does with `<prefix>:drafts:latest`: swap to the announced version."""
-    import json
-
-    raw = reg.client.get(reg.k["latest"])
-    ann = json.loads(raw) if raw else None
-    if ann is None or ann["version"] == handle.engine.draft_version:
-        return None
-    res = handle.run(handle.engine.swap_draft(ann["path"], ann["version"], sha256=ann["sha256"]))
-    assert res.ok, res
-    return ann["version"]
-
-
-def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_url, redis_client, tmp_path):
-    """The worker loop with method="eagle3": records with hidden states -> Redis stream -> Worker (TTT, LK-lambda,
-    truncated vocabulary) -> held-out gate -> published head -> the engine hot-swaps it (as the gateway does) ->
-    served acceptance rises. Then a broken head published past the gate is rolled back by the live monitor."""
+def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_url, redis_client, tmp_path,
+                                                            draft_subscriber, capture_writer):
+    """The worker loop with method="eagle3": records with hidden states -> the capture writer -> Redis stream ->
+    Worker (TTT, LK-lambda, truncated vocabulary) -> held-out gate -> published head -> the gateway's subscriber
+    (a DraftManager on pub/sub) hot-swaps it -> served acceptance rises. Then a broken head published past the gate
+    is rolled back by the live monitor."""
     from lkserve.trainer.drafts import Eagle3Ops
     from lkserve.trainer.publish import publish
     from lkserve.trainer.registry import DraftRegistry
@@ -198,6 +178,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     head, target = lmodels["head"], lmodels["tiny"].target
     assert le3.run(le3.engine.swap_draft(str(head), "base")).ok
     le3.drain()
+    subscriber, writer = draft_subscriber(le3, "e3"), capture_writer("e3cap")
     tok = le3.engine.tokenizer
     eval_prompts = corpus_prompts(tok, 16, offset=700)
     base_rate, _ = _rate(le3, eval_prompts, 1.0)
@@ -216,10 +197,10 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=80, seed=1000 * rnd + i)) for i, p in enumerate(prompts)])
         recs = le3.drain()
         assert all(r.hidden_states is not None for r in recs if r.num_positions)
-        _push(redis_client, "e3cap", recs)
+        write_records(writer, recs)
         for _ in range(3):
             w.run_once()
-        log.append((rnd, w.trainer.step_count, w.counters["published"], _follow_announcement(le3, reg)))
+        log.append((rnd, w.trainer.step_count, w.counters["published"], subscriber.follow(reg)))
     served = le3.engine.draft_version
     new_rate, _ = _rate(le3, eval_prompts, 1.0)
     print(f"\nEAGLE-3 Redis worker: rounds (round, steps, published, swapped in) {log}\n"
@@ -240,9 +221,9 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
         # noisy last version back to its predecessor here, with this test's small window)
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=55 + i))
                            for i, p in enumerate(corpus_prompts(tok, 12, offset=250 + 12 * rnd))])
-        _push(redis_client, "e3cap", le3.drain())
+        write_records(writer, le3.drain())
         w.run_once()
-        _follow_announcement(le3, reg)
+        subscriber.follow(reg)
         if w.monitor.tokens(reg.current()) >= w.monitor.min_baseline_tokens:
             break
     baseline = reg.current()
@@ -252,17 +233,17 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     with torch.no_grad():
         broken.lm_head.weight.copy_(torch.randn_like(broken.lm_head.weight) * 5)
     bad = publish(reg, broken, head, cfg.cache_dir, metadata={"test_hook": "broken"}, save=Eagle3Ops.save)
-    assert _follow_announcement(le3, reg) == bad["version"]
+    assert subscriber.follow(reg) == bad["version"]
     for rnd in range(8):
         prompts = corpus_prompts(tok, 12, offset=300 + 12 * rnd)
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=77 + i)) for i, p in enumerate(prompts)])
-        _push(redis_client, "e3cap", le3.drain())
+        write_records(writer, le3.drain())
         w.run_once()
         if reg.current() != bad["version"]:
             break
     print(f"broken head {bad['version']}: rolled back to {reg.current()} after {rnd + 1} rounds")
     assert reg.current() == baseline and reg.get(bad["version"])["status"] == "rolled_back"
-    assert _follow_announcement(le3, reg) == baseline
+    assert subscriber.follow(reg) == baseline
 
 
 def test_trained_head_loads_in_a_fresh_engine(le3, lmodels, engine_loop, reference):

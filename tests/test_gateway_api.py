@@ -21,8 +21,6 @@ import uvicorn
 from lkserve.config import CaptureSettings, GatewaySettings, RedisSettings, Settings
 from lkserve.gateway import create_app
 
-pytestmark = pytest.mark.slow
-
 API_KEY, ADMIN_KEY = "sk-gw-test-0123456789", "admin-gw-test-0123456789"
 PREFIX = "lkgwtest"
 

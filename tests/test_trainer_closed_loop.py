@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from lkserve.trainer.publish import publish
@@ -21,7 +20,6 @@ from lkserve.trainer.train import load_draft
 from lkserve.trainer.worker import Worker, WorkerConfig
 from tests.conftest import write_records
 
-pytestmark = pytest.mark.slow
 ROUNDS = 10
 torch.set_num_threads(1)
 
