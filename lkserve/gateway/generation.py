@@ -1,6 +1,6 @@
-"""What /v1/completions and /v1/chat/completions share: sampling parameters, context-window checks, fan-out of
-several prompts x n choices into engine requests, usage with speculative statistics, SSE framing, and aborting
-engine work when the client goes away.
+"""The parts the serving skeleton (serving.py) and its endpoints are built from: sampling parameters,
+context-window checks, fan-out of several prompts x n choices into engine requests, usage with speculative
+statistics, SSE framing, and aborting engine work when the client goes away.
 """
 
 from __future__ import annotations
