@@ -1,4 +1,6 @@
-# Two user-facing targets: `make demo` and `make test`. Everything else is plumbing.
+# Two user-facing targets: `make demo` and `make test` (the whole suite, engines included: what CI runs).
+# For developers: `make test-fast`, everything that starts no vLLM engine (tests not marked `slow`), under 2 minutes.
+# Everything else is plumbing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,13 +9,16 @@ PIP := $(PY) -m pip
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.lkserve-installed
 
-.PHONY: demo test test-tools install lint bench-losses clean
+.PHONY: demo test test-fast test-tools install lint bench-losses clean
 
 demo: $(STAMP)
 	$(VENV)/bin/lkserve demo
 
 test: $(STAMP) test-tools
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) test-tools
+	$(PY) -m pytest -q -m "not slow"
 
 # System tools some tests drive for real: promtool (Prometheus rules) and headless Chromium (the /dashboard page).
 # Installed with apt when we are root on Debian/Ubuntu (CI, these machines); elsewhere those tests skip and say why.

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lkserve.capture.record import hidden_states_array
-from tests.fixtures_eagle3 import AUX_LAYERS, K, corpus_prompts, start_eagle3_engine
-from tests.fixtures_engine import _stop
+from tests.conftest import AUX_LAYERS, K, _stop, corpus_prompts, start_eagle3_engine
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_eagle3 import AUX_LAYERS, TRUNC_VOCAB, K, corpus_prompts
-from tests.fixtures_engine import EngineHandle, _capture, _settings, _start, _stop
+from tests.conftest import (
+    AUX_LAYERS,
+    TRUNC_VOCAB,
+    EngineHandle,
+    K,
+    _capture,
+    _settings,
+    _start,
+    _stop,
+    corpus_prompts,
+    write_records,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +65,7 @@ def reference(lmodels, engine_loop):
 
 @pytest.fixture(scope="module")
 def le3(lmodels, engine_loop, reference):
-    from tests.fixtures_eagle3 import eagle3_capture, eagle3_settings
+    from tests.conftest import eagle3_capture, eagle3_settings
 
     engine = _start(engine_loop, eagle3_settings(lmodels["tiny"], lmodels["head"]), eagle3_capture(),
                     draft_version="base")
@@ -154,33 +164,12 @@ def test_online_training_from_scratch_raises_acceptance(le3, lmodels):
     assert n_acc > 0
 
 
-def _push(client, stream, records):
-    from lkserve.capture.codec import encode
-    from lkserve.capture.writer import FIELD
-
-    pipe = client.pipeline(transaction=False)
-    for r in records:
-        pipe.xadd(stream, {FIELD: encode(r)})
-    pipe.execute()
-
-
-def _follow_announcement(handle, reg):
-    """What the gateway's subscriber does with `<prefix>:drafts:latest`: swap to the announced version."""
-    import json
-
-    raw = reg.client.get(reg.keys.latest)
-    ann = json.loads(raw) if raw else None
-    if ann is None or ann["version"] == handle.engine.draft_version:
-        return None
-    res = handle.run(handle.engine.swap_draft(ann["path"], ann["version"], sha256=ann["sha256"]))
-    assert res.ok, res
-    return ann["version"]
-
-
-def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_url, redis_client, tmp_path):
-    """The worker loop with method="eagle3": records with hidden states -> Redis stream -> Worker (TTT, LK-lambda,
-    truncated vocabulary) -> held-out gate -> published head -> the engine hot-swaps it (as the gateway does) ->
-    served acceptance rises. Then a broken head published past the gate is rolled back by the live monitor."""
+def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_url, redis_client, tmp_path,
+                                                            draft_subscriber, capture_writer):
+    """The worker loop with method="eagle3": records with hidden states -> the capture writer -> Redis stream ->
+    Worker (TTT, LK-lambda, truncated vocabulary) -> held-out gate -> published head -> the gateway's subscriber
+    (a DraftManager on pub/sub) hot-swaps it -> served acceptance rises. Then a broken head published past the gate
+    is rolled back by the live monitor."""
     from lkserve.config import EngineSettings, RedisSettings, Settings, TrainerSettings
     from lkserve.drafts import DraftRegistry
     from lkserve.trainer.drafts import Eagle3Ops
@@ -190,6 +179,7 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     head, target = lmodels["head"], lmodels["tiny"].target
     assert le3.run(le3.engine.swap_draft(str(head), "base")).ok
     le3.drain()
+    subscriber, writer = draft_subscriber(le3, "e3"), capture_writer("e3cap")
     tok = le3.engine.tokenizer
     eval_prompts = corpus_prompts(tok, 16, offset=700)
     base_rate, _ = _rate(le3, eval_prompts, 1.0)
@@ -210,10 +200,10 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=80, seed=1000 * rnd + i)) for i, p in enumerate(prompts)])
         recs = le3.drain()
         assert all(r.hidden_states is not None for r in recs if r.num_positions)
-        _push(redis_client, "e3cap", recs)
+        write_records(writer, recs)
         for _ in range(3):
             w.run_once()
-        log.append((rnd, w.trainer.step_count, w.counters["published"], _follow_announcement(le3, reg)))
+        log.append((rnd, w.trainer.step_count, w.counters["published"], subscriber.follow(reg)))
     served = le3.engine.draft_version
     new_rate, _ = _rate(le3, eval_prompts, 1.0)
     print(f"\nEAGLE-3 Redis worker: rounds (round, steps, published, swapped in) {log}\n"
@@ -234,9 +224,9 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
         # noisy last version back to its predecessor here, with this test's small window)
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=55 + i))
                            for i, p in enumerate(corpus_prompts(tok, 12, offset=250 + 12 * rnd))])
-        _push(redis_client, "e3cap", le3.drain())
+        write_records(writer, le3.drain())
         w.run_once()
-        _follow_announcement(le3, reg)
+        subscriber.follow(reg)
         if w.monitor.tokens(reg.current()) >= w.monitor.min_baseline_tokens:
             break
     baseline = reg.current()
@@ -246,23 +236,23 @@ def test_redis_worker_trains_publishes_and_rolls_back_heads(le3, lmodels, redis_
     with torch.no_grad():
         broken.lm_head.weight.copy_(torch.randn_like(broken.lm_head.weight) * 5)
     bad = publish(reg, broken, head, w.cache_dir, metadata={"test_hook": "broken"}, save=Eagle3Ops.save)
-    assert _follow_announcement(le3, reg) == bad["version"]
+    assert subscriber.follow(reg) == bad["version"]
     for rnd in range(8):
         prompts = corpus_prompts(tok, 12, offset=300 + 12 * rnd)
         le3.generate_many([(p, _sp(temperature=1.0, max_tokens=60, seed=77 + i)) for i, p in enumerate(prompts)])
-        _push(redis_client, "e3cap", le3.drain())
+        write_records(writer, le3.drain())
         w.run_once()
         if reg.current() != bad["version"]:
             break
     print(f"broken head {bad['version']}: rolled back to {reg.current()} after {rnd + 1} rounds")
     assert reg.current() == baseline and reg.get(bad["version"])["status"] == "rolled_back"
-    assert _follow_announcement(le3, reg) == baseline
+    assert subscriber.follow(reg) == baseline
 
 
 def test_trained_head_loads_in_a_fresh_engine(le3, lmodels, engine_loop, reference):
     """The head the trainer saved starts a new engine and serves exactly as it did after the hot-swap (T=0: same
     tokens, same per-step acceptance), and stays lossless."""
-    from tests.fixtures_eagle3 import eagle3_capture, eagle3_settings
+    from tests.conftest import eagle3_capture, eagle3_settings
 
     assert "trained" in STATE, "needs test_online_training_from_scratch_raises_acceptance"
     _stop(engine_loop, le3.engine)  # one engine at a time

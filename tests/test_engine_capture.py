@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_engine import CAPTURE_TOP_K, CHUNK_POSITIONS, K, prompt_ids
+from tests.conftest import CAPTURE_TOP_K, CHUNK_POSITIONS, K, prompt_ids
 
 pytestmark = pytest.mark.slow
 

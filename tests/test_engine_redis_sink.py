@@ -11,7 +11,7 @@ import pytest
 from lkserve.capture.reader import StreamReader
 from lkserve.capture.sink import redis_sink_spec
 from lkserve.config import CaptureSettings, RedisSettings
-from tests.fixtures_engine import CAPTURE_TOP_K, CHUNK_POSITIONS, prompt_ids
+from tests.conftest import CAPTURE_TOP_K, CHUNK_POSITIONS, prompt_ids
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_engine import K, prompt_ids
+from tests.conftest import K, prompt_ids
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lkserve.checkpoint import checkpoint_sha256
-from tests.fixtures_engine import K, prompt_ids
+from tests.conftest import K, prompt_ids
 
 pytestmark = pytest.mark.slow
 

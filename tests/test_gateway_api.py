@@ -1,7 +1,7 @@
 """The gateway live: uvicorn on a loopback port around the session's tiny spec engine (real vLLM), real Redis, and
 the official `openai` client (sync and async, streaming and not).
 
-The server runs on the engine's own event loop (fixtures_engine.LoopThread); tests talk to it over HTTP from the
+The server runs on the engine's own event loop (conftest.LoopThread); tests talk to it over HTTP from the
 main thread. Everything that changes the shared engine (draft version, capture setting) is put back afterwards.
 """
 
@@ -20,8 +20,6 @@ import uvicorn
 
 from lkserve.config import CaptureSettings, GatewaySettings, RedisSettings, Settings
 from lkserve.gateway import create_app
-
-pytestmark = pytest.mark.slow
 
 API_KEY, ADMIN_KEY = "sk-gw-test-0123456789", "admin-gw-test-0123456789"
 PREFIX = "lkgwtest"

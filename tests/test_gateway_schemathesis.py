@@ -13,8 +13,6 @@ from hypothesis import HealthCheck, settings
 from lkserve.gateway import create_app
 from tests.test_gateway_api import ADMIN_KEY, API_KEY, live  # noqa: F401 - live: the fixture
 
-pytestmark = pytest.mark.slow
-
 SCHEMA = schemathesis.openapi.from_dict(create_app(None).openapi())
 
 

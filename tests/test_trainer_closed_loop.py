@@ -2,9 +2,9 @@
 and automatic rollback of a broken version.
 
 The engine is the session's `spec_engine` (tiny target + random draft, K=4, probabilistic, T=1 here); its capture
-records are drained from the engine's memory sink and XADDed to the Redis stream (the Redis sink is the capture
-engineer's); announcements are applied with `engine.swap_draft(path, version, sha256)` exactly as the gateway's
-subscriber does. Acceptance is vLLM's own per-request spec-decode metrics.
+records go to the Redis stream through `RedisStreamWriter`, the writer of the engine's Redis sink; the worker's
+announcements reach the engine through the gateway's own subscriber (a `DraftManager` on Redis pub/sub).
+Acceptance is vLLM's own per-request spec-decode metrics.
 """
 
 from __future__ import annotations
@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
-from lkserve.capture.codec import encode
-from lkserve.capture.writer import FIELD
 from lkserve.config import EngineSettings, RedisSettings, Settings, TrainerSettings
 from lkserve.drafts import DraftRegistry
 from lkserve.trainer.publish import publish
 from lkserve.trainer.train import load_draft
 from lkserve.trainer.worker import Worker
+from tests.conftest import write_records
 
-pytestmark = pytest.mark.slow
 ROUNDS = 10
 torch.set_num_threads(1)
 
@@ -56,30 +53,12 @@ def _traffic(h, rng, n=16, max_tokens=40):
     return ac / np.maximum(dr, 1), rate, h.drain()
 
 
-def _push(client, records):
-    pipe = client.pipeline(transaction=False)
-    for r in records:
-        pipe.xadd("cap", {FIELD: encode(r)})
-    pipe.execute()
-
-
-def _apply_announcement(h, reg):
-    """What the gateway's subscriber does with `<prefix>:drafts:latest`."""
-    raw = reg.client.get(reg.keys.latest)
-    if raw is None:
-        return None
-    ann = json.loads(raw)
-    if ann["version"] == h.engine.draft_version:
-        return None
-    res = h.run(h.engine.swap_draft(ann["path"], ann["version"], sha256=ann["sha256"]))
-    assert res.ok, res
-    return ann["version"]
-
-
-def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client, tmp_path):
+def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client, tmp_path, draft_subscriber,
+                                      capture_writer):
     h = spec_engine
     h.use_draft("random")
     h.drain()
+    subscriber, writer = draft_subscriber(h, "cl"), capture_writer("cap")
     rng = np.random.default_rng(0)
     w = Worker(_settings(tiny, redis_url, tmp_path, "cl", consumer="cl1", lr=1e-2, batch_positions=256,
                          min_fresh_positions=256, replay_ratio=0.5, eval_every_steps=2, gate_min_rows=64,
@@ -88,14 +67,14 @@ def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client
     start_pos, start_rate, recs = _traffic(h, rng)
     log = [(0, "random", round(start_rate, 4), start_pos.round(3).tolist(), None)]
     records_in = len(recs)
-    _push(redis_client, recs)
+    write_records(writer, recs)
     for rnd in range(1, ROUNDS + 1):
         for _ in range(4):
             w.run_once()
-        swapped = _apply_announcement(h, reg)
+        swapped = subscriber.follow(reg)
         pos, rate, recs = _traffic(h, rng)
         records_in += len(recs)
-        _push(redis_client, recs)
+        write_records(writer, recs)
         log.append((rnd, h.engine.draft_version, round(rate, 4), pos.round(3).tolist(), swapped))
     print("\nround, serving version, vLLM acceptance, per-position acceptance, swapped-in")
     for row in log:
@@ -110,19 +89,21 @@ def test_closed_loop_acceptance_rises(spec_engine, tiny, redis_url, redis_client
     assert end_rate >= 1.8 * start_rate and end_rate >= start_rate + 0.03
 
 
-def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, redis_client, tmp_path):
+def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, redis_client, tmp_path,
+                                                draft_subscriber, capture_writer):
     """A broken draft (random weights, head scaled x10) published past the gate by a test hook: live acceptance
     collapses against the previous version's and the worker announces the previous version within the window."""
     h = spec_engine
     h.use_draft("random")
     h.drain()
+    subscriber, writer = draft_subscriber(h, "rb"), capture_writer("cap")
     rng = np.random.default_rng(1)
     w = Worker(_settings(tiny, redis_url, tmp_path, "rb", consumer="rb1", batch_positions=100_000,
                          min_fresh_positions=100_000, rollback_window_tokens=400, rollback_margin=0.015))
     # training effectively off: this test is about the monitor
     reg = DraftRegistry(redis_client, "rb")
     _, base_rate, recs = _traffic(h, rng)
-    _push(redis_client, recs)
+    write_records(writer, recs)
     w.run_once()
     broken = load_draft(tiny.random_draft)
     torch.manual_seed(123)
@@ -131,12 +112,12 @@ def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, re
             p.copy_(torch.randn_like(p) * 0.2)
         broken.lm_head.weight.mul_(10)
     meta = publish(reg, broken, tiny.random_draft, w.cache_dir, metadata={"test_hook": "broken"})
-    assert _apply_announcement(h, reg) == meta["version"]
+    assert subscriber.follow(reg) == meta["version"]
     rolled_after, tokens = None, 0
     for rnd in range(1, 7):
         _, rate, recs = _traffic(h, rng)
         tokens += sum(r.num_positions for r in recs)
-        _push(redis_client, recs)
+        write_records(writer, recs)
         print(f"\nbroken {h.engine.draft_version}: acceptance {rate:.3f} (previous 'random': {base_rate:.3f})")
         w.run_once()
         if reg.current() != meta["version"]:
@@ -148,4 +129,5 @@ def test_automatic_rollback_of_a_broken_version(spec_engine, tiny, redis_url, re
     assert w.counters["rolled_back"] == 1
     ann = json.loads(reg.client.get("rb:drafts:latest"))
     assert ann["version"] == "random"
+    assert subscriber.follow(reg) == "random"  # the subscriber swapped the engine back
     h.use_draft("random")

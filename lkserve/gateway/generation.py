@@ -1,6 +1,6 @@
-"""What /v1/completions and /v1/chat/completions share: sampling parameters, context-window checks, fan-out of
-several prompts x n choices into engine requests, usage with speculative statistics, SSE framing, and aborting
-engine work when the client goes away.
+"""The parts the serving skeleton (serving.py) and its endpoints are built from: sampling parameters,
+context-window checks, fan-out of several prompts x n choices into engine requests, usage with speculative
+statistics, SSE framing, and aborting engine work when the client goes away.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -129,7 +129,6 @@ class Job:
 @dataclass
 class ChoiceState:
     index: int
-    prompt_tokens: int
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -141,7 +140,6 @@ class ChoiceState:
 class Usage:
     states: list[ChoiceState]
     draft_version: str | None
-    counted_prompts: set[int] = field(default_factory=set)
 
     def build(self, prompt_tokens: int) -> UsageInfo:
         completion = sum(s.completion_tokens for s in self.states)

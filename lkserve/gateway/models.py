@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from lkserve.gateway.completions import ERROR_RESPONSES
 from lkserve.gateway.errors import NOT_FOUND, APIError
 from lkserve.gateway.generation import served_model_name
 from lkserve.gateway.protocol import ModelCard, ModelList
+from lkserve.gateway.serving import ERROR_RESPONSES
 
 router = APIRouter()
 

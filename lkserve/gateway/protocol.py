@@ -175,12 +175,6 @@ class CompletionRequest(_SamplingFields):
         return _common_unsupported(self)
 
 
-class LogprobsContentTop(ResponseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
 class CompletionLogprobs(ResponseModel):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
