@@ -14,7 +14,7 @@ from lkserve.checkpoint import checkpoint_sha256
 from lkserve.config import GatewaySettings, RedisSettings, Settings
 from lkserve.drafts import DraftRegistry
 from lkserve.gateway import create_app
-from tests.fixtures_engine import EngineHandle, _capture, _settings, _start, _stop
+from tests.conftest import EngineHandle, _capture, _settings, _start, _stop
 from tests.test_gateway_api import LiveServer
 
 pytestmark = pytest.mark.slow
