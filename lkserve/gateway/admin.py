@@ -54,10 +54,17 @@ def _redis_error(e: Exception) -> APIError:
     return APIError(503, f"Redis error: {e}", type=UNAVAILABLE, code="redis_unavailable")
 
 
+def _is_local_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a checkpoint here
+        return False
+
+
 async def _register(registry, version: str, path: str, sha: str | None) -> str | None:
     """Register a promoted version the registry does not know (its sha256 computed here when not given), before
     it is loaded. A path that is not a directory here is left to the swap to refuse."""
-    if registry is None or not Path(path).is_dir():
+    if registry is None or not _is_local_dir(path):
         return sha
     try:
         sha = sha or await asyncio.to_thread(checkpoint_sha256, path)
