@@ -153,7 +153,10 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
-    """Write a bf16 `LlamaForCausalLM` checkpoint plus tokenizer for `gguf_path` into `out_dir`."""
+    """Write a bf16 `LlamaForCausalLM` checkpoint plus tokenizer for `gguf_path` into `out_dir`.
+
+    Longer than a screen on purpose: it is one linear recipe (load, dequantise, fix the tokenizer, save) whose
+    steps only make sense in this order; split up, each piece would be called once."""
     import torch
     from transformers import (
         AutoModelForCausalLM,

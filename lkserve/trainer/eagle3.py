@@ -48,7 +48,9 @@ class Eagle3Batch(RowTemperature):
 def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_context: int = 2048,
                        all_steps: bool = True, dtype=torch.float32) -> Eagle3Batch:
     """Rows for every labelled position p of every record and every step k < num_steps (all_steps) or only the
-    step that served it (draft_index). Records without hidden states are skipped (counted as dropped)."""
+    step that served it (draft_index). Records without hidden states are skipped (counted as dropped).
+    One loop that fills eleven parallel columns, then stacks them: split, the columns would have to be passed
+    around together."""
     toks, auxs, pos0s, rb, rj, st, sv, ids, probs, resid, temps = ([] for _ in range(11))
     dropped = 0
     k_max = max((int(r.topk_ids.shape[1]) for r in records if r.num_positions), default=1)
