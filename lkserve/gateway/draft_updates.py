@@ -176,6 +176,10 @@ class DraftManager:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    async def wait_subscribed(self, timeout: float = 10.0) -> None:
+        """Until the subscriber listens: an announcement published before that would be seen only via :latest."""
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
