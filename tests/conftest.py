@@ -344,13 +344,14 @@ class DraftSubscriber:
     def __init__(self, handle: EngineHandle, redis_url: str, key_prefix: str):
         from redis import asyncio as aredis
 
+        from lkserve.drafts import DraftKeys
         from lkserve.gateway.draft_updates import DraftManager
 
         self.handle = handle
 
         async def start():
             self.client = aredis.Redis.from_url(redis_url)
-            self.manager = DraftManager(handle.engine, channel=f"{key_prefix}:drafts")
+            self.manager = DraftManager(handle.engine, DraftKeys(key_prefix))
             self.manager.start(self.client)
             await self.manager.wait_subscribed()
 
