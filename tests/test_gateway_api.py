@@ -54,6 +54,11 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live(spec_engine, redis_server):
+    # a fresh registry per module: admin promotes of an earlier module must not reach this gateway's subscriber
+    r = redis.Redis.from_url(redis_server.url)
+    for key in r.scan_iter(f"{PREFIX}:drafts*"):
+        r.delete(key)
+    r.close()
     settings = Settings(
         gateway=GatewaySettings(api_keys=[API_KEY], admin_key=ADMIN_KEY, max_queued_requests=64),
         redis=RedisSettings(url=redis_server.url, key_prefix=PREFIX),
