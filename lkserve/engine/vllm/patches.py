@@ -79,7 +79,11 @@ def cpu_expand_is_buggy() -> bool | None:
 
         if HAS_TRITON:  # Triton runs the real kernel; the C++ override is not registered
             return False
-        import vllm._C  # noqa: F401  (registers torch.ops._C.expand_kernel_impl)
+        from vllm.platforms import current_platform
+
+        # the build of vllm._C this CPU runs (registers torch.ops._C.expand_kernel_impl); `import vllm._C` itself
+        # is the AVX-512 build and dies with SIGILL on an AVX2-only CPU
+        current_platform.import_kernels()
         from vllm.utils import cpu_triton_utils as cpu_tl
 
         out = torch.full((3,), -7.0)
