@@ -260,6 +260,44 @@ def test_capture_tags_and_opt_out(live, client, model):
     assert not [r for r in records.all if r.request_id.startswith(opted_out.id)]
 
 
+def test_capture_opt_out_header_on_both_endpoints(live, model, redis_url):
+    """`x-lkserve-no-capture: 1` (docs/capture.md) keeps a request out of the Redis capture stream, on both
+    endpoints; the same request without the header is recorded. The engine's capture points at a real Redis stream
+    for this test, then back at its memory sink."""
+    from lkserve.capture.reader import StreamReader
+    from lkserve.capture.sink import redis_sink_spec
+
+    engine, stream = live.handle.engine, "gwtest:optout"
+    sink = redis_sink_spec(redis_url, RedisSettings(stream=stream, stream_maxlen=10_000), CaptureSettings())
+    live.handle.run(engine.configure_capture(engine.capture_settings, sink))
+    reader = StreamReader(redis_url, stream=stream, group="g", consumer="c")
+    try:
+        for path, body in [("/v1/completions", {"prompt": "with open(path) as f:"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "with open(path)"}]})]:
+            body = {"model": model, "max_tokens": 12, "temperature": 0, "ignore_eos": True, **body}
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            dropped = httpx.post(f"{live.url}{path}", json=body, timeout=60,
+                                 headers={**headers, "X-LKServe-No-Capture": "1"})
+            kept = httpx.post(f"{live.url}{path}", json=body, headers=headers, timeout=60)
+            assert dropped.status_code == kept.status_code == 200, (dropped.text, kept.text)
+            got: list = []
+
+            def recorded(rid: str, got=got) -> list:
+                return [r for _, r in got if r.request_id.startswith(rid)]
+
+            deadline = time.monotonic() + 30
+            while not recorded(kept.json()["id"]) and time.monotonic() < deadline:
+                got += reader.read(count=100, block_ms=200)
+            # records leave in order: once the second request's are in the stream, the first's would be too
+            assert recorded(kept.json()["id"]), (path, [r.request_id for _, r in got])
+            assert not recorded(dropped.json()["id"]), path
+            got += reader.read(count=100, block_ms=200)
+            assert len(got) == len(recorded(kept.json()["id"])), path  # nothing else was added to the stream
+    finally:
+        reader.close()
+        live.handle.run(engine.configure_capture(engine.capture_settings, {"kind": "memory", "maxlen": 100_000}))
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_need_the_engine(live, model):
     long_prompt = "hello " * 2000

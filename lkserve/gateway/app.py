@@ -23,7 +23,7 @@ from lkserve.gateway import admin, chat, completions, dashboard, health, models
 from lkserve.gateway.admission import Admission
 from lkserve.gateway.auth import Auth
 from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry
-from lkserve.gateway.errors import APIError, api_error_response, install_exception_handlers
+from lkserve.gateway.errors import APIError, UnexpectedErrors, api_error_response, install_exception_handlers
 from lkserve.gateway.protocol import CaptureStatus
 
 log = logging.getLogger("lkserve.gateway")
@@ -119,4 +119,5 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
     for module in (completions, chat, models, health, admin, dashboard):
         app.include_router(module.router)
     app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(UnexpectedErrors)  # added last: the outermost
     return app

@@ -2,7 +2,8 @@
 
 Client mistakes are 4xx and never 5xx: validation errors (malformed JSON included) are 400 with `param` naming the
 offending field; unknown model 404; unknown route 404; wrong method 405; auth 401/403; overload 429 with
-Retry-After. Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running.
+Retry-After. Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running and
+keeps the client's connection open.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lkserve.gateway.protocol import ErrorInfo, ErrorResponse
 
@@ -56,8 +58,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def _utf8(text: str | None) -> str | None:
+    """A param can hold a client's invalid text (a dict key with a lone surrogate): escape it, or the body could
+    not be encoded."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+    info = ErrorInfo(message=_utf8(message), type=type, param=_utf8(param), code=code)
+    return ErrorResponse(error=info).model_dump()
 
 
 def error_response(
@@ -95,10 +104,23 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return "".join(parts) or None
 
 
+_INVALID_TEXT = ("invalid_unicode", "string_unicode")
+
+
+def _unicode_error(e: dict[str, Any]) -> dict[str, Any]:
+    if e.get("type") == "string_unicode":  # "unable to parse raw data as a unicode string"
+        return {**e, "msg": "text must be valid Unicode, found a lone UTF-16 surrogate"}
+    return e
+
+
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str | None]:
     """(message, param, code) from FastAPI/pydantic validation errors: the first error decides."""
     if not errors:
         return "invalid request", None, None
+    # Text that is not valid Unicode is the most specific problem: a union's other members (list of token ids...)
+    # only add "should be a list" noise. pydantic finds it itself in constrained strings (string_unicode), the
+    # protocol's ValidUnicode in the others (invalid_unicode).
+    errors = [_unicode_error(e) for e in errors if e.get("type") in _INVALID_TEXT] or errors
     first = errors[0]
     etype = first.get("type", "")
     if etype == "json_invalid":
@@ -160,7 +182,35 @@ def install_exception_handlers(app: FastAPI) -> None:
             etype, code = SERVER, None
         return error_response(status, message, type=etype, code=code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an error while processing your request.", type=SERVER)
+
+class UnexpectedErrors:
+    """Outermost middleware: an unexpected exception becomes a 500 OpenAI-shaped body. Starlette's own last-resort
+    handler answers 500 too but then re-raises, and uvicorn drops the keep-alive connection, so the client's next
+    request on it fails with "connection reset". A response already started can only be cut short."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = {"started": False, "done": False}
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if sent["done"]:
+                return  # the client has its whole answer: keep the connection
+            if sent["started"]:
+                raise
+            await error_response(500, "The server had an error while processing your request.", type=SERVER)(
+                scope, receive, send)

@@ -2,7 +2,9 @@
 
 Shapes follow OpenAI's API (and vLLM's OpenAI server, whose extensions `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`, `add_generation_prompt` are accepted too).
-Unknown request fields are accepted and ignored, as OpenAI's and vLLM's servers do.
+Unknown request fields are accepted and ignored, as OpenAI's and vLLM's servers do. Every text field that reaches
+the tokenizer, the detokenizer or a capture record must be valid Unicode: JSON can carry lone UTF-16 surrogates
+("\\ud800") that no tokenizer accepts, and they are a 400 naming the field.
 
 lkserve's own additions:
 - request: an `lkserve` object `{"capture": bool, "tags": {str: str}}` (capture opt-out and domain/tenant tags
@@ -16,7 +18,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 # Limits that keep one request from asking for unbounded work. Larger values are a client error (400).
 MAX_N = 8
@@ -28,6 +31,24 @@ MAX_TAGS = 16
 MAX_TAG_LEN = 128
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+
+
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates survive JSON decoding but not UTF-8 encoding: refuse them here, not in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "text must be valid Unicode, found a lone UTF-16 surrogate U+{code} at character {pos}",
+            {"code": f"{ord(text[e.start]):04X}", "pos": e.start},
+        ) from None
+    return text
+
+
+# pydantic refuses invalid Unicode itself in a length-constrained str (error `string_unicode`); `Text` is for the
+# unconstrained ones.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 def new_id(prefix: str) -> str:
@@ -88,7 +109,7 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 class _SamplingFields(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = Field(None, description="served model name; null = the one served model")
+    model: Text | None = Field(None, description="served model name; null = the one served model")
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -163,7 +184,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1, description="null = up to the context window")
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -230,15 +251,34 @@ class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    # declared before `content`, whose validator reads them
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    content: Text | list[TextContentPart] | None = Field(None, validate_default=True)
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, v, info: ValidationInfo):
+        """OpenAI's rule: content may be null (or absent) only in an assistant message that carries tool_calls or a
+        function_call, and in a (deprecated) function message."""
+        role = info.data.get("role")
+        if v is not None or role is None or role == "function":
+            return v
+        if role == "assistant" and (info.data.get("tool_calls") or info.data.get("function_call")):
+            return v
+        raise PydanticCustomError(
+            "content_required",
+            "expected a string or a list of text parts, got null: content may be null only in an assistant "
+            "message with tool_calls",
+        )
 
     def text(self) -> str:
         if self.content is None:

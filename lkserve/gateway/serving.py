@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import Request
 
+from lkserve.capture.sampling import opted_out
 from lkserve.gateway import generation as g
 from lkserve.gateway.errors import bad_request
 from lkserve.gateway.protocol import ErrorResponse, UsageInfo
@@ -95,7 +96,9 @@ async def serve(request: Request, body, model: str, plan: Plan, endpoint: Endpoi
     held until the stream closes or the response is built; engine work is aborted when the client goes away."""
     state = request.app.state.gw
     engine = state.engine
-    capture, tags = body.capture_opt(), body.capture_tags()
+    # opt-out by body (`"lkserve": {"capture": false}`) or by header (`x-lkserve-no-capture: 1`, docs/capture.md)
+    capture = body.capture_opt() and not opted_out(request.headers)
+    tags = body.capture_tags()
     if body.stop_token_ids:
         g.check_token_ids(body.stop_token_ids, len(engine.tokenizer), "stop_token_ids")
     slot = await state.admission.acquire()
