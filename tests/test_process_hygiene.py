@@ -50,7 +50,7 @@ def descendants(pid: int) -> dict[int, str]:
     while todo:
         for child in kids.get(todo.pop(), []):
             with contextlib.suppress(OSError):
-                out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()[:120]
             todo.append(child)
     return out
 
@@ -126,8 +126,8 @@ def engine_tree(proc: Proc) -> dict[int, str]:
     return tree
 
 
-def long_body(stream: bool) -> dict:
-    return {"model": "x", "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "temperature": 1.0,
+def long_body(tiny, stream: bool) -> dict:
+    return {"model": Path(tiny.target).name, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "temperature": 1.0,
             "stream": stream}
 
 
@@ -161,10 +161,10 @@ def test_sigterm_aborts_inflight_stops_the_tree_and_a_worker_finds_the_redis(tin
         assert not wait_gone(worker_tree, 5)
 
         first, events = threading.Event(), []
-        streamer = threading.Thread(target=stream_events, args=(base, long_body(True), first, events))
+        streamer = threading.Thread(target=stream_events, args=(base, long_body(tiny, True), first, events))
         answers = []
         plain = threading.Thread(target=lambda: answers.append(
-            httpx.post(f"{base}/v1/completions", json=long_body(False), timeout=60)))
+            httpx.post(f"{base}/v1/completions", json=long_body(tiny, False), timeout=60)))
         streamer.start()
         plain.start()
         assert first.wait(60) and events, "no token streamed"
@@ -195,7 +195,7 @@ def test_sigint_lets_a_running_request_finish(tiny, tmp_path):
     serve, base = start_serve(tiny, tmp_path)  # default grace (5 s)
     tree = {}
     try:
-        body = {**long_body(True), "max_tokens": 160, "stream_options": {"include_usage": True}}
+        body = {**long_body(tiny, True), "max_tokens": 160, "stream_options": {"include_usage": True}}
         first, events = threading.Event(), []
         streamer = threading.Thread(target=stream_events, args=(base, body, first, events))
         streamer.start()
@@ -265,8 +265,9 @@ def test_worker_sigterm_mid_training_checkpoints_consistently(tiny, redis_url, r
     held = {i for i, r in zip(ids, records) if is_heldout(r.request_id, 0.2)}
     pending = {e["message_id"].decode() for e in redis_client.xpending_range("cap", "lkserve-trainers", "-", "+",
                                                                              10_000)}
-    delivered = {e.decode() for e, _ in redis_client.xrange("cap")} - pending
-    assert delivered <= set(state["ledger"]) | held  # acked only what the checkpoint holds
+    (group,) = redis_client.xinfo_groups("cap")
+    acked = {e.decode() for e, _ in redis_client.xrange("cap", "-", group["last-delivered-id"])} - pending
+    assert acked and acked <= set(state["ledger"]) | held  # acked only what the checkpoint holds
     again = subprocess.run([sys.executable, "-m", "lkserve.cli", "worker"], cwd=ROOT, timeout=240, text=True,
                            capture_output=True, check=False,
                            env={**env, "LKSERVE_TRAINER__EXIT_WHEN_DRAINED": "true", "LKSERVE_TRAINER__STEP_DELAY": "0"})
