@@ -177,6 +177,7 @@ def test_sigterm_aborts_inflight_stops_the_tree_and_a_worker_finds_the_redis(tin
         plain.join(10)
         assert not wait_gone(tree, 5), {p: tree[p] for p in wait_gone(tree, 0)}
         assert not url_file(tmp_path / "cache").exists()
+        assert "engine stopped in" in serve.text()  # the orderly path, not the engine core's lifeline
         # the stream ends with an OpenAI-shaped error event, then [DONE]; the plain request gets a 503 body
         assert events[-1] == "[DONE]", events[-3:]
         error = json.loads(events[-2])["error"]
@@ -214,7 +215,9 @@ def test_sigint_lets_a_running_request_finish(tiny, tmp_path):
 
 @pytest.mark.slow  # starts `lkserve serve` (a vLLM engine)
 def test_sigkill_of_serve_leaves_no_engine_and_a_stale_url_file(tiny, tmp_path):
-    serve, _ = start_serve(tiny, tmp_path)
+    """(With LKSERVE_DISABLE_LIFELINE=1 in the serve's environment the engine core and its worker survive.)"""
+    serve, _ = start_serve(tiny, tmp_path, **({"LKSERVE_DISABLE_LIFELINE": "1"}
+                                              if os.environ.get("HYGIENE_NO_LIFELINE") == "1" else {}))
     tree = engine_tree(serve)
     try:
         t0 = time.monotonic()

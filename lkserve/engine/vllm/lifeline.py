@@ -29,10 +29,11 @@ _thread: threading.Thread | None = None
 
 def start(poll_s: float = 1.0, grace_s: float = 15.0) -> bool:
     """Watch the parent from this process (once). False in a process no multiprocessing parent started (the
-    frontend: `lkserve serve`, a test process), which its own supervisor is responsible for."""
+    frontend: `lkserve serve`, a test process), which its own supervisor is responsible for, or with
+    LKSERVE_DISABLE_LIFELINE=1 (to show what happens without it)."""
     global _thread
     parent = multiprocessing.parent_process()
-    if parent is None or parent.pid is None:
+    if parent is None or parent.pid is None or os.environ.get("LKSERVE_DISABLE_LIFELINE", "0") == "1":
         return False
     with _lock:
         if _thread is None:
