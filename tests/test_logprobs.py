@@ -175,7 +175,7 @@ def test_logprobs_are_log_softmax_of_target_logits(spec_engine, hf_target, sampl
 # ------------------------------------------------------------------------------------------------ gateway
 @pytest.fixture(scope="module")
 def gw(live):  # noqa: F811 - test_gateway_api's live gateway around the session's spec engine
-    return gw
+    return live
 
 
 def _sse(resp: httpx.Response) -> list[dict]:
@@ -186,6 +186,12 @@ def _sse(resp: httpx.Response) -> list[dict]:
             out.append(json.loads(line[6:]))
     assert not any("error" in c for c in out), out
     return out
+
+
+def _visible(text: str) -> str:
+    """The tiny random model emits invalid UTF-8 byte runs: the text shows U+FFFD where vLLM decodes each such
+    token alone to "" (vLLM's server does the same), so compare without the replacement characters."""
+    return text.replace("\ufffd", "")
 
 
 def _complete(gw, **body) -> dict:
@@ -205,7 +211,8 @@ def _check_completion_logprobs(lp: dict, n: int, greedy: bool) -> None:
             assert top is None
             continue
         values = list(top.values())
-        assert value <= 0 and top[tok] == value and len(top) <= n + 1
+        # == unless a likelier token decodes to the same text (see completions._logprobs)
+        assert value <= 0 and top[tok] >= value and len(top) <= n + 1
         assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1 + 1e-5
         if greedy:
             assert value == values[0]
@@ -216,7 +223,7 @@ def test_completions_logprobs_streamed_and_not(gw):
     choice, usage = full["choices"][0], full["usage"]
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == usage["completion_tokens"] == 24
-    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+    assert "".join(lp["tokens"]) == _visible(choice["text"]) and lp["text_offset"][0] == 0
     _check_completion_logprobs(lp, 5, greedy=True)
     chunks = _sse(post(gw, "/v1/completions", {
         "prompt": "import json\nimport os\n\nclass Config:\n", "max_tokens": 24, "temperature": 0.0,
@@ -224,7 +231,7 @@ def test_completions_logprobs_streamed_and_not(gw):
     tokens, values, offsets = [], [], []
     for c in chunks[:-1]:
         clp = c["choices"][0]["logprobs"]
-        assert "".join(clp["tokens"]) == c["choices"][0]["text"]  # exactly the tokens of this chunk
+        assert "".join(clp["tokens"]) == _visible(c["choices"][0]["text"])  # exactly the tokens of this chunk
         tokens += clp["tokens"]
         values += clp["token_logprobs"]
         offsets += clp["text_offset"]
@@ -242,7 +249,7 @@ def test_completions_echo_with_prompt_logprobs(gw):
     assert full["usage"]["prompt_tokens"] == n_prompt
     assert len(lp["tokens"]) == n_prompt + 8 and lp["token_logprobs"][0] is None
     assert all(v is not None for v in lp["token_logprobs"][1:])
-    assert "".join(lp["tokens"]) == choice["text"] and choice["text"].startswith(prompt)
+    assert "".join(lp["tokens"]) == _visible(choice["text"]) and choice["text"].startswith(prompt)
     _check_completion_logprobs(lp, 3, greedy=False)
     _check_completion_logprobs({k: v[n_prompt:] for k, v in lp.items()}, 3, greedy=True)
     # streamed: the prompt's entries come in the first chunk, with the echoed prompt
@@ -261,7 +268,7 @@ def test_chat_logprobs_streamed_and_not(gw):
     choice = full["choices"][0]
     content = choice["logprobs"]["content"]
     assert len(content) == full["usage"]["completion_tokens"] == 24
-    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert "".join(e["token"] for e in content) == _visible(choice["message"]["content"])
     for e in content:
         tops = [t["logprob"] for t in e["top_logprobs"]]
         assert len(tops) == 5 and tops == sorted(tops, reverse=True)
@@ -276,7 +283,7 @@ def test_chat_logprobs_streamed_and_not(gw):
         if ch["logprobs"] is None:  # the opening role chunk and the finish chunk
             assert not ch["delta"].get("content")
             continue
-        assert "".join(e["token"] for e in ch["logprobs"]["content"]) == ch["delta"]["content"]
+        assert "".join(e["token"] for e in ch["logprobs"]["content"]) == _visible(ch["delta"]["content"])
         streamed += ch["logprobs"]["content"]
     assert chunks[-1]["usage"]["completion_tokens"] == len(streamed) == 24
     assert [e["token"] for e in streamed] == [e["token"] for e in content]

@@ -54,8 +54,12 @@ def _logprobs(tokenizer, entries: list[tuple[int, object]], offset: int) -> tupl
             token, value, top = tokenizer.decode([tid]), None, None
         else:
             token, value = e.token, g.wire_logprob(e.logprob)
-            top = {text: g.wire_logprob(v) for _, text, v in e.top}  # most likely first
-            top.setdefault(e.token, value)  # OpenAI: the chosen token too, so up to logprobs + 1 entries
+            # most likely first, then the chosen token (OpenAI: up to logprobs + 1 entries); tokens that decode to
+            # the same text (byte pieces of one character all decode to "") share a key: the likeliest one keeps it
+            top = {}
+            for _, text, v in e.top:
+                top.setdefault(text, g.wire_logprob(v))
+            top.setdefault(e.token, value)
         lp.tokens.append(token)
         lp.token_logprobs.append(value)
         lp.top_logprobs.append(top)
