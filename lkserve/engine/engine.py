@@ -4,7 +4,8 @@ Small typed surface for the gateway and the worker:
 
     engine = await Engine.create(EngineSettings(...), CaptureSettings(...), sink_spec)
     async for chunk in engine.generate(prompt_ids, sampling_params(max_tokens=64), "req-1"):
-        ...  # chunk.token_ids / chunk.text (deltas), chunk.finish_reason, chunk.spec (at the end)
+        ...  # chunk.token_ids / chunk.text (deltas), chunk.finish_reason, chunk.spec (at the end),
+             # chunk.logprobs (one TokenLogprob per token when sampling asked logprobs=n)
     res = await engine.swap_draft("/path/to/draft-v2", "v2", sha256=None)
     await engine.shutdown()
 
@@ -26,11 +27,11 @@ from pathlib import Path
 from lkserve.capture.record import record_from_wire
 from lkserve.config import CaptureSettings, EngineSettings
 from lkserve.engine import vllm as va
-from lkserve.engine.types import EngineStopped, SpecStats
+from lkserve.engine.types import EngineStopped, SpecStats, TokenLogprob
 from lkserve.engine.vllm import sampling_params
 from lkserve.metrics import serving as metrics
 
-__all__ = ["Engine", "GenerationChunk", "SpecStats", "SwapResult", "sampling_params"]
+__all__ = ["Engine", "GenerationChunk", "SpecStats", "SwapResult", "TokenLogprob", "sampling_params"]
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -47,6 +48,10 @@ class GenerationChunk:
     num_prompt_tokens: int
     num_output_tokens: int  # cumulative
     spec: SpecStats | None = None
+    # sampling logprobs=n: one entry per token of token_ids (the target's, see TokenLogprob); else None
+    logprobs: list[TokenLogprob] | None = None
+    # sampling prompt_logprobs=n: one entry per prompt token (None for the first), in the first chunk only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -180,6 +185,7 @@ class Engine:
                 spec = va.spec_stats(c.spec_decode_metrics) if finished else None
                 if finished and c.finish_reason == "abort" and self._stopping:
                     raise EngineStopped(self._stopping)  # not the client's abort: say so, not a normal end
+                logprobs, prompt_logprobs = va.output_logprobs(sp, out)
                 if finished:
                     finish_reason = c.finish_reason
                     num_prompt = len(out.prompt_token_ids or prompt_token_ids)
@@ -193,6 +199,8 @@ class Engine:
                     num_prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     num_output_tokens=num_out,
                     spec=spec,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
                 )
         finally:
             self._running.discard(request_id)

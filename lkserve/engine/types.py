@@ -10,6 +10,18 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass
+class TokenLogprob:
+    """The target model's log-probability of one token at one position, and the most likely tokens there (vLLM's
+    default `logprobs_mode=raw_logprobs`: log_softmax of the raw logits, before penalties, temperature, top-k/p)."""
+
+    token_id: int
+    token: str  # the token's text as vLLM decodes it alone (byte-fallback pieces corrected from the context)
+    logprob: float
+    rank: int  # 1 = the most likely token at this position
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most likely first
+
+
+@dataclass
 class SpecStats:
     """Per-request speculative decoding statistics (from vLLM's per-request 'detailed' metrics)."""
 

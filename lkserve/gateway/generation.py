@@ -1,6 +1,6 @@
 """The parts the serving skeleton (serving.py) and its endpoints are built from: sampling parameters,
 context-window checks, fan-out of several prompts x n choices into engine requests, usage with speculative
-statistics, SSE framing, and aborting engine work when the client goes away.
+statistics, logprobs collected per choice, SSE framing, and aborting engine work when the client goes away.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -84,9 +84,10 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", param=param)
 
 
-def build_sampling(req: _SamplingFields, max_tokens: int, choice_index: int):
+def build_sampling(req: _SamplingFields, max_tokens: int, choice_index: int, logprobs: int | None = None,
+                   prompt_logprobs: int | None = None):
     """One vLLM SamplingParams per choice (n=1 each). With a seed, choice i uses seed + i so choices differ but the
-    whole response is reproducible."""
+    whole response is reproducible. logprobs / prompt_logprobs: how many top tokens per position (None = none)."""
     from lkserve.engine.engine import sampling_params
 
     kwargs: dict[str, Any] = {
@@ -98,6 +99,8 @@ def build_sampling(req: _SamplingFields, max_tokens: int, choice_index: int):
         "min_tokens": min(req.min_tokens, max_tokens),
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
@@ -134,6 +137,9 @@ class ChoiceState:
     finish_reason: str | None = None
     spec: Any = None
     finished: bool = False
+    logprobs: list = field(default_factory=list)  # engine TokenLogprobs of every token so far (when asked)
+    prompt_logprobs: list | None = None  # the prompt's (echo with logprobs), from the first chunk
+    text_offset: int = 0  # completions logprobs: where the next token's text starts (streaming)
 
 
 @dataclass
@@ -290,10 +296,19 @@ async def _aclose_quietly(gen) -> None:
 def apply_chunk(state: ChoiceState, chunk) -> None:
     state.text += chunk.text
     state.completion_tokens = chunk.num_output_tokens
+    if chunk.logprobs:
+        state.logprobs.extend(chunk.logprobs)
+    if chunk.prompt_logprobs is not None and state.prompt_logprobs is None:
+        state.prompt_logprobs = chunk.prompt_logprobs
     if chunk.finished:
         state.finished = True
         state.finish_reason = chunk.finish_reason
         state.spec = chunk.spec
+
+
+def wire_logprob(value: float) -> float:
+    """OpenAI's (and vLLM's server's) stand-in for -inf, which JSON cannot carry."""
+    return max(value, -9999.0)
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -34,14 +34,12 @@ async def tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def check_request(state, body, logprobs: bool) -> str:
-    """Checks that come before any tokenizing: the served model's name (returned), unsupported fields, logprobs."""
+def check_request(state, body) -> str:
+    """Checks that come before any tokenizing: the served model's name (returned) and unsupported fields."""
     model = g.check_model(state, body.model)
     problem = body.unsupported()
     if problem:
         raise bad_request(*problem)
-    if logprobs:
-        raise bad_request("logprobs are not supported by this server yet", param="logprobs")
     return model
 
 

@@ -17,7 +17,8 @@ this package. What it uses:
   (`vllm.model_executor.model_loader.reload`) for draft weight swaps.
 - worker.py: `worker_extension_cls` (mixed into the worker class; methods are called with `collective_rpc`).
 - frontend.py: `AsyncEngineArgs`, `AsyncLLM`, `SamplingParams`, `TokensPrompt`, `RequestOutputKind`,
-  per-request spec-decode metrics.
+  per-request spec-decode metrics, `CompletionOutput.logprobs` / `RequestOutput.prompt_logprobs` (`Logprob`:
+  logprob, rank, decoded_token).
 
 Everything vLLM-free that capture and swapping need lives in lkserve.capture.accumulator and lkserve.engine.swap.
 
@@ -31,6 +32,7 @@ cannot interleave.
 from lkserve.engine.vllm.frontend import (
     EXTENSION_CLS,
     engine_env_defaults,
+    output_logprobs,
     prepare_env,
     request_params,
     sampling_params,
@@ -43,6 +45,6 @@ from lkserve.engine.vllm.frontend import (
 from lkserve.engine.vllm.hooks import EXTRA_ARGS_KEY
 from lkserve.engine.vllm.patches import check_vllm_version, register_plugin, vllm_version
 
-__all__ = ["EXTENSION_CLS", "EXTRA_ARGS_KEY", "check_vllm_version", "engine_env_defaults", "prepare_env",
-           "register_plugin", "request_params", "sampling_params", "shutdown_async_llm", "spec_stats",
+__all__ = ["EXTENSION_CLS", "EXTRA_ARGS_KEY", "check_vllm_version", "engine_env_defaults", "output_logprobs",
+           "prepare_env", "register_plugin", "request_params", "sampling_params", "shutdown_async_llm", "spec_stats",
            "speculative_config", "start_async_llm", "tokens_prompt", "vllm_version"]

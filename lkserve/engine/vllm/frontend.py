@@ -1,6 +1,6 @@
 """vLLM's public API as the engine uses it: construction (AsyncEngineArgs / AsyncLLM, VLLM_* environment,
-speculative config), per-request conversions (SamplingParams, TokensPrompt, RequestOutputKind) and the per-request
-spec-decode metrics -> SpecStats."""
+speculative config), per-request conversions (SamplingParams, TokensPrompt, RequestOutputKind), the per-request
+spec-decode metrics -> SpecStats and the outputs' logprobs -> TokenLogprob."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from lkserve.config import EngineSettings
-from lkserve.engine.types import SpecStats
+from lkserve.engine.types import SpecStats, TokenLogprob
 from lkserve.engine.vllm.hooks import EXTRA_ARGS_KEY
 
 EXTENSION_CLS = "lkserve.engine.vllm.worker.LkserveWorkerExtension"
@@ -118,3 +118,39 @@ def spec_stats(m) -> SpecStats | None:
         return None
     return SpecStats.from_steps(int(m.num_spec_tokens), list(m.histogram), int(m.num_draft_tokens),
                                 list(m.per_step_drafted or []), list(m.per_step_accepted or []))
+
+
+def output_logprobs(sp, out) -> tuple[list[TokenLogprob] | None, list[TokenLogprob | None] | None]:
+    """(logprobs of this delta's tokens, prompt logprobs) of a RequestOutput, None for what `sp` did not ask.
+    vLLM hands the prompt logprobs over once, with the first output (RequestOutputKind.DELTA pops them)."""
+    c = out.outputs[0]
+    sampled = None
+    if sp.logprobs is not None:
+        sampled = token_logprobs(list(c.token_ids), c.logprobs or [], sp.logprobs)
+        if len(sampled) != len(c.token_ids):  # vLLM slices them with the tokens (stop strings included)
+            raise RuntimeError(f"vLLM returned {len(sampled)} logprobs for {len(c.token_ids)} tokens")
+    prompt = None
+    if sp.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        prompt = token_logprobs(list(out.prompt_token_ids or []), out.prompt_logprobs, sp.prompt_logprobs)
+    return sampled, prompt
+
+
+def token_logprobs(token_ids: list[int], positions, num_top: int) -> list[TokenLogprob | None]:
+    """vLLM's per-position {token id: Logprob} (the sampled or prompt token first, then the `num_top` most likely
+    ones, merged when it is one of them) as TokenLogprobs; None where vLLM has none (the first prompt token)."""
+    out: list[TokenLogprob | None] = []
+    for tid, pos in zip(token_ids, positions):
+        if not pos or tid not in pos:
+            out.append(None)
+            continue
+        chosen = pos[tid]
+        # the chosen token is one of the top ones when it was merged into them (a tie at the boundary can give it a
+        # rank <= num_top without being among torch.topk's picks)
+        alts = [(t, lp) for t, lp in pos.items() if t != tid or len(pos) <= num_top]
+        alts.sort(key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        out.append(TokenLogprob(
+            token_id=int(tid), token=chosen.decoded_token or "", logprob=float(chosen.logprob),
+            rank=int(chosen.rank) if chosen.rank is not None else 0,
+            top=[(int(t), lp.decoded_token or "", float(lp.logprob)) for t, lp in alts[:num_top]],
+        ))
+    return out
