@@ -94,6 +94,8 @@ class GatewaySettings(BaseModel):
     admin_key: str | None = None
     served_model_name: str | None = None
     max_queued_requests: int = 64
+    shutdown_grace_s: float = Field(5.0, ge=0, le=20, description="on SIGTERM/SIGINT, requests still running "
+                                    "after this long are aborted (503, or an error event in a stream)")
 
 
 DEFAULT_LR = {"draft_model": 3e-3, "eagle3": 1e-3}

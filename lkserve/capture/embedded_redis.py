@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -192,3 +193,69 @@ def resolve_redis_url(settings, maxmemory: int | str | None = None) -> tuple[str
         persistence=settings.redis.embedded_persistence,
     ).start()
     return handle.url, handle
+
+
+# ------------------------------------------------------------------------------------------------ the URL file
+# `lkserve serve` with an embedded Redis says where it is, so that `lkserve worker` and `lkserve draft ...` in another
+# terminal (same cache dir) find it with no configuration. Removed on a clean shutdown; after a crash the file stays,
+# and readers ignore it because its pid is dead or its Redis does not answer.
+
+
+def url_file(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "redis" / "serve.json"
+
+
+def publish_url(cache_dir: str | Path, handle: EmbeddedRedis) -> Path:
+    """Write {url, pid, redis_pid} atomically (a reader never sees half a file)."""
+    path = url_file(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"url": handle.url, "pid": os.getpid(), "redis_pid": handle.pid,
+                               "started": time.time()}))
+    os.replace(tmp, path)
+    return path
+
+
+def unpublish_url(cache_dir: str | Path) -> None:
+    """Remove the file if this process wrote it (another `lkserve serve` may have replaced it since)."""
+    path = url_file(cache_dir)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def discover_url(cache_dir: str | Path) -> tuple[str | None, str]:
+    """(url, why): the embedded Redis of a running `lkserve serve` under `cache_dir`, or None and the reason."""
+    path = url_file(cache_dir)
+    try:
+        info = json.loads(path.read_text())
+        url, pid = str(info["url"]), int(info["pid"])
+    except FileNotFoundError:
+        return None, f"no running `lkserve serve` with an embedded Redis under {cache_dir} (it would write {path})"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"ignoring {path}: unreadable ({e!r})"
+    if not _pid_alive(pid):
+        return None, f"ignoring stale {path}: the `lkserve serve` that wrote it (pid {pid}) is not running"
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        return None, f"ignoring stale {path}: its Redis {url} does not answer ({e})"
+    finally:
+        client.close()
+    return url, f"the embedded Redis of `lkserve serve` (pid {pid}) at {url}, from {path}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from lkserve.config import load_settings
 
@@ -34,23 +35,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_redis(settings, what: str):
+    """`settings` with redis.url set: LKSERVE_REDIS__URL, else the embedded Redis of a `lkserve serve` running
+    under the same cache dir (the URL file it writes); SystemExit saying why when there is neither."""
+    if settings.redis.url:
+        return settings
+    from lkserve.capture.embedded_redis import discover_url
+
+    url, why = discover_url(settings.cache_dir)
+    if url is None:
+        raise SystemExit(f"{what} needs the Redis the gateway writes to: {why}. Start `lkserve serve` first (same "
+                         "LKSERVE_CACHE_DIR), or set LKSERVE_REDIS__URL.")
+    print(f"lkserve: using {why}", file=sys.stderr)
+    return settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from lkserve.trainer.worker import run_worker
 
-    settings = load_settings()
-    if not settings.redis.url:
-        raise SystemExit("lkserve worker needs the Redis the gateway writes to: set LKSERVE_REDIS__URL "
-                         "(the embedded Redis is private to `lkserve serve`; `lkserve demo` starts both).")
-    run_worker(settings)
+    run_worker(_serve_redis(load_settings(), "lkserve worker"))
     return 0
 
 
 def _registry():
     from lkserve.drafts import DraftRegistry
 
-    settings = load_settings()
-    if not settings.redis.url:
-        raise SystemExit("set LKSERVE_REDIS__URL to the Redis that holds the draft registry")
+    settings = _serve_redis(load_settings(), "lkserve draft")
     return DraftRegistry(settings.redis.url, settings.redis.key_prefix)
 
 
@@ -121,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (LKSERVE_GATEWAY__PORT)")
     serve.set_defaults(func=cmd_serve)
 
-    sub.add_parser("worker", help="run the adaptation worker (needs LKSERVE_REDIS__URL)").set_defaults(
-        func=cmd_worker)
+    sub.add_parser("worker", help="run the adaptation worker (on LKSERVE_REDIS__URL, else on the embedded Redis "
+                                  "of a running `lkserve serve`)").set_defaults(func=cmd_worker)
 
-    draft = sub.add_parser("draft", help="inspect and move the served draft version (needs LKSERVE_REDIS__URL)")
+    draft = sub.add_parser("draft", help="inspect and move the served draft version (Redis found as for `worker`)")
     draft_sub = draft.add_subparsers(dest="draft_command", required=True)
     draft_sub.add_parser("list", help="versions, current, history").set_defaults(func=cmd_draft_list)
     promote = draft_sub.add_parser("promote", help="announce a registered version to every gateway")

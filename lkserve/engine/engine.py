@@ -27,7 +27,7 @@ from pathlib import Path
 from lkserve.capture.record import record_from_wire
 from lkserve.config import CaptureSettings, EngineSettings
 from lkserve.engine import vllm as va
-from lkserve.engine.types import SpecStats, TokenLogprob
+from lkserve.engine.types import EngineStopped, SpecStats, TokenLogprob
 from lkserve.engine.vllm import sampling_params
 from lkserve.metrics import serving as metrics
 
@@ -99,6 +99,7 @@ class Engine:
         self._swap_lock = asyncio.Lock()
         self._salt_prefix_cache = settings.method in ("draft_model", "eagle3")
         self._closed = False
+        self._stopping: str | None = None  # why requests are refused / were aborted (abort_all)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @classmethod
@@ -138,6 +139,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self._stopping = self._stopping or "the engine was shut down"
         va.shutdown_async_llm(self._llm)
         await asyncio.sleep(0)
 
@@ -157,6 +159,8 @@ class Engine:
     ) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output. `sampling` comes from `sampling_params(...)` (copied, not modified); n must
         be 1."""
+        if self._stopping:
+            raise EngineStopped(self._stopping)
         sp = va.request_params(sampling, request_id, capture, tags)
         self._running.add(request_id)
         num_out = 0
@@ -179,6 +183,8 @@ class Engine:
                     t_first = t_first or now
                     t_last = now
                 spec = va.spec_stats(c.spec_decode_metrics) if finished else None
+                if finished and c.finish_reason == "abort" and self._stopping:
+                    raise EngineStopped(self._stopping)  # not the client's abort: say so, not a normal end
                 logprobs, prompt_logprobs = va.output_logprobs(sp, out)
                 if finished:
                     finish_reason = c.finish_reason
@@ -201,6 +207,15 @@ class Engine:
             self._finished.append(request_id)
             metrics.observe_request(finish_reason, num_prompt, None if t_first is None else t_first - t_submit,
                                     time.perf_counter() - t_submit)
+
+    async def abort_all(self, reason: str) -> int:
+        """Shutting down: refuse new requests and abort the running ones; their `generate` raises
+        EngineStopped(reason). Returns how many were aborted."""
+        self._stopping = reason
+        ids = list(self._running)
+        if ids:
+            await self._llm.abort(ids)
+        return len(ids)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class EngineStopped(RuntimeError):
+    """The engine is shutting down: a request it aborted (or refused) for that reason. The gateway answers 503."""
+
+
 @dataclass
 class TokenLogprob:
     """The target model's log-probability of one token at one position, and the most likely tokens there (vLLM's

@@ -2,7 +2,7 @@
 
 Client mistakes are 4xx and never 5xx: validation errors (malformed JSON included) are 400 with `param` naming the
 offending field; unknown model 404; unknown route 404; wrong method 405; auth 401/403; overload 429 with
-Retry-After. Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running and
+Retry-After; a request the engine aborted because the server is stopping 503 (an error event in a stream). Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running and
 keeps the client's connection open.
 """
 
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lkserve.engine.types import EngineStopped
 from lkserve.gateway.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("lkserve.gateway")
@@ -85,6 +86,15 @@ def api_error_response(exc: APIError) -> JSONResponse:
     return error_response(
         exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
     )
+
+
+def shutting_down(exc: BaseException) -> BaseException:
+    """The engine aborted or refused a request because the server is stopping: a 503 the client may retry
+    elsewhere (other exceptions pass through)."""
+    if isinstance(exc, EngineStopped):
+        return APIError(503, f"The server is shutting down ({exc}); retry the request.", type=UNAVAILABLE,
+                        code="server_shutting_down")
+    return exc
 
 
 # pydantic's loc contains union-member tags ("str", "list[int]", "function-after[...]"); they are not params.
@@ -156,6 +166,10 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return api_error_response(exc)
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return api_error_response(shutting_down(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from lkserve.capture.sampling import opted_out
 from lkserve.gateway import generation as g
-from lkserve.gateway.errors import bad_request
+from lkserve.gateway.errors import bad_request, shutting_down
 from lkserve.gateway.protocol import ErrorResponse, UsageInfo
 
 # The error statuses every /v1 route documents in the OpenAPI schema.
@@ -128,7 +128,7 @@ async def serve(request: Request, body, model: str, plan: Plan, endpoint: Endpoi
                         id=reply.rid, created=created, model=model, choices=[],
                         usage=reply.usage_total()))
             except Exception as e:  # noqa: BLE001 - reported in-stream; the status is already 200
-                yield g.sse_error(e)
+                yield g.sse_error(shutting_down(e))
             yield g.SSE_DONE
 
         return g.SSEResponse(events(), on_close=slot.release)

@@ -233,4 +233,7 @@ def register_plugin() -> None:
     apply_cpu_fixes()
     apply_empty_draft_fix()
     apply_seeded_draft_fix()
+    from lkserve.engine.vllm import lifeline
+
+    lifeline.start()  # an engine core / worker process exits when its parent dies (lifeline.py)
 
