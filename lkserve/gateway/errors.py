@@ -2,7 +2,8 @@
 
 Client mistakes are 4xx and never 5xx: validation errors (malformed JSON included) are 400 with `param` naming the
 offending field; unknown model 404; unknown route 404; wrong method 405; auth 401/403; overload 429 with
-Retry-After; a request the engine aborted because the server is stopping 503 (an error event in a stream). Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running and
+Retry-After; a request the engine aborted because the server is stopping is a 503 (an error event in a stream).
+Anything unexpected is a 500 with the same shape (and a log line), and the server keeps running and
 keeps the client's connection open.
 """
 
