@@ -45,8 +45,6 @@ class EngineSettings(BaseModel):
     dtype: str = "auto"
     max_model_len: int = 2048
     max_num_seqs: int = 16
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens one engine step may schedule; None = "
-                                               "vLLM's default")
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)")
     enforce_eager: bool = True
     seed: int = 0

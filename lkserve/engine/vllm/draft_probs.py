@@ -6,10 +6,10 @@ drafts are not from the last proposal (docs/engine.md, "Draft probabilities acro
    Triton rejection kernel rejects negative drafts; vLLM's CPU C++ kernel does not check them, reads p and q at
    index -1 (the previous row's last entry) and accepts placeholders: tokens that were never sampled from p.
    Clamp them to id 0 with a uniform of +inf, a certain rejection, so the position emits the recovered token ~ p.
-2. `install_draft_probs_cache`: the runner keeps the draft probabilities of the last proposal only. A request
-   that was not scheduled in a step (or that holds placeholders) makes `_get_spec_decode_draft_probs` return None
-   for the whole batch, and vLLM then verifies every request against a point-mass q (exact, but acceptance
-   falls from Σmin(p, q) to Σp·q). Keep the rows of requests skipped by a step, zero rows for placeholders.
+2. `install_draft_probs_cache`: the runner keeps the draft probabilities of the last proposal only, so a request
+   holding placeholders makes `_get_spec_decode_draft_probs` return None for the whole batch, and vLLM then
+   verifies every request against a point-mass q (exact, but acceptance falls from Σmin(p, q) to Σp·q). Give
+   placeholder rows q = 0 and keep the other requests' rows.
 """
 
 from __future__ import annotations
@@ -71,72 +71,39 @@ def _wrap_random_sample(original):
 
 
 def install_draft_probs_cache(runner) -> dict[str, Any]:
-    """Per-request draft probabilities on the runner: wrap `_sample` (save the rows of requests this step does not
-    schedule before vLLM drops them) and `_get_spec_decode_draft_probs` (assemble rows from the last proposal, the
-    saved rows and zero rows for placeholders). Counters in `runner._lkserve_draft_probs["stats"]`."""
-    state = getattr(runner, "_lkserve_draft_probs", None)
-    if state is not None:
-        return state["stats"]
-    stats = {"applied": False, "reason": "", "hits": 0, "misses": 0, "saved": 0, "placeholders": 0, "pending": 0}
-    state = {"stats": stats, "cache": {}}  # cache: req id -> [K, V] rows of a proposal its step did not verify
-    runner._lkserve_draft_probs = state
+    """Wrap the runner's `_get_spec_decode_draft_probs` so placeholder requests get zero q rows instead of costing
+    the whole batch its draft probabilities. Counters in `runner._lkserve_draft_probs`."""
+    stats = getattr(runner, "_lkserve_draft_probs", None)
+    if stats is not None:
+        return stats
+    stats = {"applied": False, "reason": "", "misses": 0, "placeholders": 0}
+    runner._lkserve_draft_probs = stats
     if os.environ.get("LKSERVE_DISABLE_DRAFT_PROBS_FIX", "0") == "1":
         stats["reason"] = "disabled by LKSERVE_DISABLE_DRAFT_PROBS_FIX=1"
         return stats
-    orig_sample, orig_get = runner._sample, runner._get_spec_decode_draft_probs
-
-    def _sample(logits, spec_decode_metadata):
-        _save_skipped(runner, state)
-        try:
-            return orig_sample(logits, spec_decode_metadata)
-        finally:
-            for rid in runner.input_batch.req_ids:  # scheduled now: any saved drafts were consumed or replaced
-                state["cache"].pop(rid, None)
-            stats["pending"] = len(state["cache"])
+    orig_get = runner._get_spec_decode_draft_probs
 
     def _get_spec_decode_draft_probs(spec_decode_metadata):
-        return _assemble(runner, state, spec_decode_metadata, orig_get)
+        return _assemble(runner, stats, spec_decode_metadata, orig_get)
 
-    runner._sample = _sample
     runner._get_spec_decode_draft_probs = _get_spec_decode_draft_probs
-    stats.update(applied=True, reason="draft probabilities kept per request across skipped steps")
+    stats.update(applied=True, reason="placeholder requests get zero draft-probability rows")
     return stats
 
 
-def _save_skipped(runner, state) -> None:
-    """Before a step's verification: clone the last proposal's rows of requests this step does not schedule (they
-    keep their drafts in the scheduler; vLLM clears `_draft_probs` after this step)."""
-    probs, ids, cache = runner._draft_probs, runner._draft_prob_req_ids, state["cache"]
-    for rid in [r for r in cache if r not in runner.requests]:  # finished or aborted
-        del cache[rid]
-    if probs is None or ids is None:
-        return
-    scheduled = set(runner.input_batch.req_ids)
-    for row, rid in enumerate(ids):
-        if rid not in scheduled and rid in runner.requests:
-            cache[rid] = probs[row].clone()  # [K, V]
-            state["stats"]["saved"] += 1
-
-
-def _assemble(runner, state, md, orig_get):
-    """[num_draft_tokens_total, V] draft probabilities in batch order, or vLLM's own answer (None: point-mass q) when a
-    request's probabilities are truly unknown (counted as a miss)."""
+def _assemble(runner, stats, md, orig_get):
+    """[num_draft_tokens_total, V] draft probabilities in batch order, or vLLM's own answer (None: point-mass q for
+    the whole batch) when a request with real drafts is not in the last proposal (counted as a miss)."""
     import torch
 
-    probs, ids, cache, stats = runner._draft_probs, runner._draft_prob_req_ids, state["cache"], state["stats"]
+    probs, ids = runner._draft_probs, runner._draft_prob_req_ids
     row_of = {rid: i for i, rid in enumerate(ids)} if probs is not None and ids is not None else {}
-    rows, start, found = [], 0, False  # a [n, V] tensor, or n for n placeholder rows
-    draft_ids = None
+    rows, start, draft_ids = [], 0, None  # a [n, V] tensor, or n for n placeholder rows
     for rid, n in zip(runner.input_batch.req_ids, md.num_draft_tokens):
         if n == 0:
             continue
         if rid in row_of:
             rows.append(probs[row_of[rid], :n])
-            found = True
-        elif rid in cache:
-            rows.append(cache[rid][:n])
-            stats["hits"] += 1
-            found = True
         else:
             if draft_ids is None:
                 draft_ids = md.draft_token_ids.cpu()
@@ -146,7 +113,8 @@ def _assemble(runner, state, md, orig_get):
             rows.append(n)  # placeholders: q = 0, so the recovered token is sampled from p itself
             stats["placeholders"] += 1
         start += n
-    if not found:  # nothing but placeholders (or no drafts): vLLM's own path is exact with the placeholder fix
-        return orig_get(md)
-    like = next(r for r in rows if not isinstance(r, int))
-    return torch.cat([like.new_zeros(r, like.shape[-1]) if isinstance(r, int) else r for r in rows]).contiguous()
+    real = [r for r in rows if not isinstance(r, int)]
+    if not real:  # nothing but placeholders: no q is needed, the placeholder fix rejects them all
+        return None
+    v = real[0].shape[-1]
+    return torch.cat([real[0].new_zeros(r, v) if isinstance(r, int) else r for r in rows]).contiguous()

@@ -63,7 +63,6 @@ def start_async_llm(settings: EngineSettings, target: str, draft: str | None, in
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         speculative_config=spec,

@@ -114,7 +114,7 @@ class LkserveWorkerExtension:
             "vllm_version": patches.vllm_version(),
             **patches.fix_states(),
             "placeholder_fix": dict(draft_probs.placeholder_state),
-            "draft_probs_fix": dict(self.model_runner._lkserve_draft_probs["stats"]),
+            "draft_probs_fix": dict(self.model_runner._lkserve_draft_probs),
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
