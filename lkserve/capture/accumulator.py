@@ -239,11 +239,13 @@ class CaptureState:
         # select the verified rows before the softmax/top-k: with a weak draft that is ~1 of K rows (the capture's
         # cost scales with what it keeps)
         keep, plan = [], []  # flat rows to process; (acc, verified, accepted) per captured request
+        real = np.asarray(step.draft_token_ids.cpu()) >= 0  # [num drafts]; -1: the scheduler's placeholders
         for i, acc, s, n in rows:
             v = int((step.sampled_token_ids[i] != -1).sum())  # emitted: accepted drafts + recovered/bonus token
-            if v == 0:
+            drafted = int(np.argmin(real[s:s + n])) if not real[s:s + n].all() else n  # before the first -1
+            if v == 0 or drafted == 0:
                 continue
-            ver = min(v, n)
+            ver = min(v, n, drafted)
             keep.extend(range(s, s + ver))
             plan.append((acc, ver, v - 1))
         if not keep:

@@ -13,7 +13,7 @@ from lkserve.capture.accumulator import CaptureState
 from lkserve.capture.record import record_to_wire
 from lkserve.capture.sink import make_capture_sink
 from lkserve.config import CaptureSettings
-from lkserve.engine.vllm import hooks, patches, reload
+from lkserve.engine.vllm import draft_probs, hooks, patches, reload
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -27,6 +27,8 @@ class LkserveWorkerExtension:
         patches.check_vllm_version()
         patches.apply_cpu_fixes()  # plugins already did it in this process; idempotent
         patches.apply_empty_draft_fix()
+        draft_probs.apply_placeholder_fix()  # after vLLM registered its CPU kernels (worker init)
+        draft_probs.install_draft_probs_cache(self.model_runner)
         self._lkserve_lock = threading.RLock()
         self._lkserve_capture: CaptureState | None = None
         self._lkserve_swapper = reload.make_swapper(self, version="base")
@@ -111,6 +113,8 @@ class LkserveWorkerExtension:
             "pid": os.getpid(),
             "vllm_version": patches.vllm_version(),
             **patches.fix_states(),
+            "placeholder_fix": dict(draft_probs.placeholder_state),
+            "draft_probs_fix": dict(self.model_runner._lkserve_draft_probs),
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
