@@ -47,6 +47,12 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = 16
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)")
     enforce_eager: bool = True
+    # in_process: vLLM's worker runs inside its engine-core process (uniproc executor); multiprocess: the worker is a
+    # process of its own that the engine core drives over a shared-memory queue (vLLM's default, and what tensor
+    # parallelism needs). Either way the engine core is a child process of lkserve's. On this 2-core CPU in_process
+    # serves 1.4-2x the tokens/s and idles at ~0 CPU where multiprocess spins (docs/engine.md, bench/layout.py).
+    layout: Literal["in_process", "multiprocess"] = Field(
+        "in_process", description="where vLLM's worker runs: inside the engine-core process or a process of its own")
     seed: int = 0
 
 
