@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -53,7 +53,15 @@ class EngineSettings(BaseModel):
     # serves 1.4-2x the tokens/s and idles at ~0 CPU where multiprocess spins (docs/engine.md, bench/layout.py).
     layout: Literal["in_process", "multiprocess"] = Field(
         "in_process", description="where vLLM's worker runs: inside the engine-core process or a process of its own")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans; > 1 needs layout=multiprocess")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _layout_fits_parallelism(self) -> EngineSettings:
+        if self.tensor_parallel_size > 1 and self.layout == "in_process":
+            raise ValueError("engine.layout=in_process runs one worker: tensor_parallel_size > 1 needs "
+                             "engine.layout=multiprocess")
+        return self
 
 
 class CaptureSettings(BaseModel):

@@ -61,6 +61,7 @@ def start_async_llm(settings: EngineSettings, target: str, draft: str | None, in
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
+        tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         speculative_config=spec,
