@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -149,22 +150,47 @@ def start_serve(name: str, env_extra: dict, out: Path):
     return child, url, model, time.perf_counter() - t0
 
 
-def bench_one(name: str, env_extra: dict, prompts: list[str], args, out: Path) -> dict:
-    log(f"{name}: starting lkserve serve ...")
-    child, url, model, ready_s = start_serve(name, env_extra, out)
+def bench_method(method: str, base_env: dict, prompts: list[str], args, out: Path) -> dict:
+    """Both layouts' serves up at once, loaded in turn (`--rounds` rounds, the first layout alternating): an idle serve
+    costs ~0 CPU, and the turns spread the drift of a shared machine over both layouts alike."""
+    servers, res = {}, {}
     try:
-        procs = sorted(tree(child.proc.pid).values())
-        asyncio.run(load(url, model, prompts, 2, 2, 8))  # warm-up: one-off costs of the first steps
-        res = {"ready_seconds": round(ready_s, 1), "processes": procs}
-        for c, n in ((1, args.requests_1), (4, args.requests_4)):
-            res[f"c{c}"] = asyncio.run(load(url, model, prompts, c, n, args.max_tokens))
-            log(f"  {name} c={c}: {res[f'c{c}']}")
-        time.sleep(2.0)
-        res["idle"] = idle_cpu(child.proc.pid, args.idle_seconds)
-        log(f"  {name} idle: {res['idle']}")
-        return res
+        for layout in LAYOUTS:
+            name = f"{method}-{layout}"
+            log(f"{name}: starting lkserve serve ...")
+            env = {**base_env, "LKSERVE_ENGINE__METHOD": method, "LKSERVE_ENGINE__LAYOUT": layout}
+            servers[layout] = start_serve(name, env, out)
+            child, url, model, ready_s = servers[layout]
+            res[layout] = {"ready_seconds": round(ready_s, 1), "processes": sorted(tree(child.proc.pid).values()),
+                           "c1": [], "c4": []}
+            asyncio.run(load(url, model, prompts, 2, 2, 8))  # warm-up: one-off costs of the first steps
+        for r in range(args.rounds):
+            for layout in (LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]):
+                _, url, model, _ = servers[layout]
+                for c, n in ((1, args.requests_1), (4, args.requests_4)):
+                    one = asyncio.run(load(url, model, prompts, c, n, args.max_tokens))
+                    res[layout][f"c{c}"].append(one)
+                    log(f"  {method}-{layout} round {r} c={c}: {one}")
+        for layout in LAYOUTS:  # idle: after the work, both serves idle, each tree measured on its own
+            time.sleep(2.0)
+            res[layout]["idle"] = idle_cpu(servers[layout][0].proc.pid, args.idle_seconds)
+            log(f"  {method}-{layout} idle: {res[layout]['idle']}")
     finally:
-        child.stop()
+        for child, *_ in servers.values():
+            child.stop()
+    for layout in LAYOUTS:
+        for c in ("c1", "c4"):
+            runs = res[layout][c]
+            res[layout][f"{c}_tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
+            res[layout][f"{c}_health_ms_max"] = max(x["health_ms_max"] for x in runs)
+    res["ratio_in_process_over_multiprocess"] = {
+        c: round(res["in_process"][f"{c}_tokens_per_s"] / res["multiprocess"][f"{c}_tokens_per_s"], 3)
+        for c in ("c1", "c4")}
+    res["ratio_per_round"] = {
+        c: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(res["in_process"][c],
+                                                                           res["multiprocess"][c])]
+        for c in ("c1", "c4")}
+    return res
 
 
 def run(args) -> dict:
@@ -179,19 +205,16 @@ def run(args) -> dict:
                 "LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS": str(args.k), "LKSERVE_ENGINE__MAX_NUM_SEQS": "8",
                 "LKSERVE_CAPTURE__ENABLED": "true" if args.capture == "on" else "false"}
     res = {"model": Path(target).name, "draft": Path(draft).name, "k": args.k, "max_tokens": args.max_tokens,
-           "temperature": 0.0, "capture": args.capture, "requests_1_stream": args.requests_1,
-           "requests_4_streams": args.requests_4, "logs": str(out_dir), "command": " ".join(sys.argv),
-           "methods": {}}
-    for i, method in enumerate(args.methods):
-        order = LAYOUTS if i % 2 == 0 else LAYOUTS[::-1]  # alternate who goes first: drift hits both alike
-        runs = {}
-        for layout in order:
-            env = {**base_env, "LKSERVE_ENGINE__METHOD": method, "LKSERVE_ENGINE__LAYOUT": layout}
-            runs[layout] = bench_one(f"{method}-{layout}", env, prompts, args, out_dir)
-        runs["ratio_in_process_over_multiprocess"] = {
-            c: round(runs["in_process"][c]["tokens_per_s"] / runs["multiprocess"][c]["tokens_per_s"], 3)
-            for c in ("c1", "c4")}
-        res["methods"][method] = {layout: runs[layout] for layout in (*LAYOUTS, "ratio_in_process_over_multiprocess")}
+           "temperature": 0.0, "capture": args.capture, "rounds": args.rounds, "requests_1_stream": args.requests_1,
+           "requests_4_streams": args.requests_4, "logs": str(out_dir),
+           "command": " ".join(["bench/layout.py", *sys.argv[1:]]), "methods": {}}
+    for method in args.methods:
+        res["methods"][method] = bench_method(method, base_env, prompts, args, out_dir)
+    res["summary"] = {m: {**r["ratio_in_process_over_multiprocess"],
+                          **{f"{layout}_{c}_tokens_per_s": r[layout][f"{c}_tokens_per_s"]
+                             for layout in LAYOUTS for c in ("c1", "c4")},
+                          **{f"{layout}_idle_cpu_seconds": r[layout]["idle"]["cpu_seconds"] for layout in LAYOUTS}}
+                      for m, r in res["methods"].items()}
     return res
 
 
@@ -199,16 +222,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=["none", "draft_model"])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--requests-1", type=int, default=2, help="requests at 1 stream, one after the other")
-    ap.add_argument("--requests-4", type=int, default=8, help="requests at 4 streams, 4 at a time")
+    ap.add_argument("--rounds", type=int, default=3, help="turns per layout (tokens/s: the median)")
+    ap.add_argument("--requests-1", type=int, default=1, help="requests per turn at 1 stream, one after the other")
+    ap.add_argument("--requests-4", type=int, default=4, help="requests per turn at 4 streams, 4 at a time")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--capture", choices=["on", "off"], default="on", help="serve's default is on")
-    ap.add_argument("--quick", action="store_true", help="1 request at 1 stream, 4 at 4 streams")
+    ap.add_argument("--quick", action="store_true", help="2 rounds")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/layout.json")
     args = ap.parse_args()
     if args.quick:
-        args.requests_1, args.requests_4 = 1, 4
+        args.rounds = 2
     from lkserve.cli.bench_io import json_stdout
 
     json_out = json_stdout()  # vLLM's child processes log to fd 1
