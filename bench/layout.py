@@ -10,8 +10,10 @@ Redis, capture as configured, the real gateway over HTTP), for no speculation an
 Streamed chat completions of MT-bench first turns, T=0, `--max-tokens` (128) with ignore_eos, at 1 stream
 (`--requests-1` one after the other) and 4 streams (`--requests-4`, 4 at a time): output tokens/s over the
 wall clock of the batch. While the 4 streams run, GET /health is polled: its slowest answer says whether the gateway's
-event loop stays responsive while the engine generates. Then, after 2 s of rest, the CPU seconds that the serve
-process tree (serve, EngineCore, Worker, redis-server) uses over `--idle-seconds` (10) with no requests.
+event loop stays responsive while the engine generates. Both layouts' serves run at once and take turns (`--rounds`),
+so drift on a shared machine hits both alike; tokens/s is the median of the turns. Then, after 2 s of rest, the CPU
+seconds that each serve process tree (serve, EngineCore, Worker, redis-server) uses over `--idle-seconds` (10) with no
+requests, and one more 1-stream request (`after_idle_c1`: its time to first token after the rest).
 
 Run (it starts vLLM engines): flock /tmp/lkserve-engine.lock .venv/bin/python bench/layout.py [--quick]
 Writes bench/results/layout.json (and prints the same JSON).
@@ -175,6 +177,10 @@ def bench_method(method: str, base_env: dict, prompts: list[str], args, out: Pat
             time.sleep(2.0)
             res[layout]["idle"] = idle_cpu(servers[layout][0].proc.pid, args.idle_seconds)
             log(f"  {method}-{layout} idle: {res[layout]['idle']}")
+            # the first request after the rest: does waking an idle engine cost its time to first token?
+            _, url, model, _ = servers[layout]
+            res[layout]["after_idle_c1"] = asyncio.run(load(url, model, prompts, 1, 1, args.max_tokens))
+            log(f"  {method}-{layout} after idle: {res[layout]['after_idle_c1']}")
     finally:
         for child, *_ in servers.values():
             child.stop()
