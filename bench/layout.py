@@ -169,6 +169,10 @@ def bench_method(method: str, base_env: dict, prompts: list[str], args, out: Pat
         for r in range(args.rounds):
             for layout in (LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]):
                 _, url, model, _ = servers[layout]
+                # the other serve's processes keep spinning for a while after its last request (vLLM's shared-memory
+                # queue polls, OpenMP threads spin-wait): without a pause the first request of a turn after it
+                # (seen: in_process at 1 stream after multiprocess) waited ~0.9 s for its first token
+                time.sleep(args.settle_seconds)
                 for c, n in ((1, args.requests_1), (4, args.requests_4)):
                     one = asyncio.run(load(url, model, prompts, c, n, args.max_tokens))
                     res[layout][f"c{c}"].append(one)
@@ -232,6 +236,7 @@ def main() -> None:
     ap.add_argument("--requests-1", type=int, default=1, help="requests per turn at 1 stream, one after the other")
     ap.add_argument("--requests-4", type=int, default=4, help="requests per turn at 4 streams, 4 at a time")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--settle-seconds", type=float, default=3.0, help="pause before each turn")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--capture", choices=["on", "off"], default="on", help="serve's default is on")
     ap.add_argument("--quick", action="store_true", help="2 rounds")
