@@ -50,7 +50,7 @@ class EngineSettings(BaseModel):
     # in_process: vLLM's worker runs inside its engine-core process (uniproc executor); multiprocess: the worker is a
     # process of its own that the engine core drives over a shared-memory queue (vLLM's default, and what tensor
     # parallelism needs). Either way the engine core is a child process of lkserve's. On this 2-core CPU, through
-    # the gateway, in_process served ~1.2x the tokens/s at 4 streams and ~1.0x at 1 stream; while serving, the
+    # the gateway, in_process served 1.14-1.25x the tokens/s at 4 streams, 1.05-1.19x at 1 stream; while serving, the
     # multiprocess engine core spins on a core of its own waiting for the worker (docs/engine.md, bench/layout.py).
     layout: Literal["in_process", "multiprocess"] = Field(
         "in_process", description="where vLLM's worker runs: inside the engine-core process or a process of its own")
