@@ -29,6 +29,20 @@ def test_invalid_values_are_refused(monkeypatch):
         raise AssertionError("a sample rate above 1 must be refused")
 
 
+def test_engine_layout_setting(monkeypatch):
+    assert load_settings().engine.layout == "in_process"  # the measured default (docs/engine.md)
+    monkeypatch.setenv("LKSERVE_ENGINE__LAYOUT", "multiprocess")
+    assert load_settings().engine.layout == "multiprocess"
+    monkeypatch.setenv("LKSERVE_ENGINE__TENSOR_PARALLEL_SIZE", "2")
+    assert load_settings().engine.tensor_parallel_size == 2
+    monkeypatch.setenv("LKSERVE_ENGINE__LAYOUT", "in_process")  # one worker cannot span two GPUs
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs engine.layout=multiprocess"):
+        load_settings()
+    monkeypatch.setenv("LKSERVE_ENGINE__LAYOUT", "threads")
+    with pytest.raises(ValueError, match="layout"):
+        load_settings()
+
+
 def test_cli_config_show_prints_effective_json(monkeypatch):
     env = {"LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS": "5", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(

@@ -1,5 +1,6 @@
-"""Process hygiene of `lkserve serve` and `lkserve worker`, run as a user runs them (subprocesses, vLLM's default
-multiprocess layout: the serve process, vLLM's EngineCore, its Worker, the embedded redis-server).
+"""Process hygiene of `lkserve serve` and `lkserve worker`, run as a user runs them (subprocesses: the serve process,
+vLLM's EngineCore, in the `multiprocess` layout its Worker too, the embedded redis-server). `engine.layout` is serve's
+default (`in_process`) unless a test names one.
 
 - SIGTERM / SIGINT: in-flight requests finish (grace) or get a 503 / an error event; every process of the tree is
   gone within 30 s; the embedded Redis's URL file is removed. A `lkserve worker` in "another terminal" (no
@@ -120,9 +121,12 @@ def start_serve(tiny, tmp_path: Path, **env) -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def engine_tree(proc: Proc) -> dict[int, str]:
+def engine_tree(proc: Proc, layout: str = "in_process") -> dict[int, str]:
+    """The serve's process tree; AsyncLLM's engine core is a child process in either layout, the worker a process
+    of its own only in `multiprocess`."""
     tree = descendants(proc.pid)
-    assert any("EngineCore" in c for c in tree.values()), tree  # vLLM's multiprocess layout, as users run it
+    assert any("EngineCore" in c for c in tree.values()), tree
+    assert any("VLLM::Worker" in c for c in tree.values()) == (layout == "multiprocess"), tree
     return tree
 
 
@@ -214,11 +218,12 @@ def test_sigint_lets_a_running_request_finish(tiny, tmp_path):
 
 
 @pytest.mark.slow  # starts `lkserve serve` (a vLLM engine)
-def test_sigkill_of_serve_leaves_no_engine_and_a_stale_url_file(tiny, tmp_path):
+@pytest.mark.parametrize("layout", ["in_process", "multiprocess"])
+def test_sigkill_of_serve_leaves_no_engine_and_a_stale_url_file(tiny, tmp_path, layout):
     """(With LKSERVE_DISABLE_LIFELINE=1 in the serve's environment the engine core and its worker survive.)"""
-    serve, _ = start_serve(tiny, tmp_path, **({"LKSERVE_DISABLE_LIFELINE": "1"}
-                                              if os.environ.get("HYGIENE_NO_LIFELINE") == "1" else {}))
-    tree = engine_tree(serve)
+    serve, _ = start_serve(tiny, tmp_path, LKSERVE_ENGINE__LAYOUT=layout,
+                           **({"LKSERVE_DISABLE_LIFELINE": "1"} if os.environ.get("HYGIENE_NO_LIFELINE") == "1" else {}))
+    tree = engine_tree(serve, layout)
     try:
         t0 = time.monotonic()
         serve.proc.send_signal(signal.SIGKILL)

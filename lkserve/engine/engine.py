@@ -89,6 +89,7 @@ class Engine:
         self.model_id = model_id
         self.draft_dir = draft_dir
         self.in_process = in_process
+        self.layout = "in_process" if in_process else "multiprocess"
         self.max_model_len = int(llm.model_config.max_model_len)
         self.tokenizer = llm.get_tokenizer()
         self.draft_version: str | None = None
@@ -114,10 +115,13 @@ class Engine:
         draft_version: str = "base",
     ) -> Engine:
         """Start vLLM. in_process=True runs the worker inside the engine-core process (uniproc executor,
-        VLLM_ENABLE_V1_MULTIPROCESSING=0, set process-wide); None reads that variable; False = vLLM's default."""
+        VLLM_ENABLE_V1_MULTIPROCESSING=0, set process-wide); False gives it a process of its own (vLLM's default);
+        None follows `settings.layout`."""
         va.check_vllm_version()
         t0 = time.perf_counter()
-        in_process = va.prepare_env(settings.kv_cache_gib, in_process)
+        if in_process is None:
+            in_process = settings.layout == "in_process"
+        va.prepare_env(settings.kv_cache_gib, in_process)
         target, draft = _resolve_models(settings)
         llm = va.start_async_llm(settings, target, draft, in_process)
         engine = cls(llm, settings, capture, model_id or Path(target).name, draft, in_process)
@@ -131,8 +135,8 @@ class Engine:
             llm.shutdown()
             raise
         engine.start_seconds = time.perf_counter() - t0
-        logger.info("lkserve engine up in %.1fs (method=%s, K=%d, in_process=%s)", engine.start_seconds,
-                    settings.method, settings.num_speculative_tokens, in_process)
+        logger.info("lkserve engine up in %.1fs (method=%s, K=%d, layout=%s)", engine.start_seconds,
+                    settings.method, settings.num_speculative_tokens, engine.layout)
         return engine
 
     async def shutdown(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -44,7 +45,10 @@ async def metrics(request: Request) -> Response:
     engine = request.app.state.gw.engine
     if engine is not None:  # the capture counters live in vLLM's engine process: one RPC, never a stuck scrape
         try:
-            ENGINE_STATS.update(await asyncio.wait_for(engine.info(), 1.0), bool(getattr(engine, "in_process", True)))
+            info = await asyncio.wait_for(engine.info(), 1.0)
+            # vLLM's worker (and the capture sink in it) runs in the engine-core process, a child of this one, in
+            # either layout; only a worker in this very process shares this registry's sink counters
+            ENGINE_STATS.update(info, info.get("pid") == os.getpid())
         except Exception as e:  # noqa: BLE001 - serve the last known values
             log.debug("engine stats not refreshed: %r", e)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,7 @@ counters, which live in the engine core's process, are read over RPC (`EngineSta
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -155,7 +156,9 @@ class EngineStatsCollector:
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], float(c.get(key, 0) or 0))
             yield fam
-        if self._include_sink:  # same names and meaning as lkserve.capture.metrics, counted in the engine process
+        # same names and meaning as lkserve.capture.metrics, counted in the engine process; skipped where this process
+        # writes records itself (it then registers those names already, and one name twice breaks the exposition)
+        if self._include_sink and "lkserve.capture.metrics" not in sys.modules:
             written = CounterMetricFamily("lkserve_capture_records_written",
                                           "Verification records written to the capture stream")
             written.add_metric([], float(c.get("sink_written", 0) or 0))

@@ -22,17 +22,15 @@ def engine_env_defaults() -> dict[str, str]:
     }
 
 
-def prepare_env(kv_cache_gib: int, in_process: bool | None) -> bool:
-    """Set vLLM's environment (process-wide) and resolve `in_process`: True runs the worker inside the engine-core
-    process (uniproc executor, VLLM_ENABLE_V1_MULTIPROCESSING=0); None reads that variable; False = vLLM's default."""
+def prepare_env(kv_cache_gib: int, in_process: bool) -> None:
+    """Set vLLM's environment (process-wide). in_process=True runs the worker inside the engine-core process
+    (uniproc executor, VLLM_ENABLE_V1_MULTIPROCESSING=0); False gives it a process of its own (vLLM's default
+    layout). Set both ways: the variable is process-wide, and a later engine of the other layout must not inherit it
+    (on CPU vLLM turns "uni" into "mp" unless it reads 0)."""
     for k, v in engine_env_defaults().items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    if in_process is None:
-        return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-    if in_process:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return in_process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
 
 
 def speculative_config(settings: EngineSettings, draft_dir: str | None) -> dict[str, Any] | None:
@@ -63,6 +61,7 @@ def start_async_llm(settings: EngineSettings, target: str, draft: str | None, in
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
+        tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         speculative_config=spec,
