@@ -129,9 +129,11 @@ class Worker:
         self._load_serving()
         pending = read_own_pending(self.client, self.stream, cfg.consumer_group, cfg.consumer)
         self._intake(pending)
-        _event("worker_start", consumer=cfg.consumer, restored_checkpoint=state is not None,
-               step=self.trainer.step_count, own_pending=len(pending), acked_from_checkpoint=restored,
-               removed_partial_dirs=removed, serving=self.serving_version, loss=cfg.loss, method=self.method)
+        # logged by run() once SIGTERM is handled: a supervisor that sees it may stop the worker cleanly
+        self._start_event = {"consumer": cfg.consumer, "restored_checkpoint": state is not None,
+                             "step": self.trainer.step_count, "own_pending": len(pending),
+                             "acked_from_checkpoint": restored, "removed_partial_dirs": removed,
+                             "serving": self.serving_version, "loss": cfg.loss, "method": self.method}
 
     def _load_serving(self) -> None:
         version = self.registry.current() or self.cfg.base_version
@@ -144,13 +146,14 @@ class Worker:
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Until stopped (SIGTERM/SIGINT, `exit_when_drained`, `max_steps`); the HTTP port lives exactly as long."""
-        if self.cfg.metrics_port is not None:  # 0: any free port (self.http.port)
-            self.http = WorkerHTTP(self.registry.get, port=self.cfg.metrics_port).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, lambda *_: self.stop())
             except ValueError:  # not the main thread
                 pass
+        _event("worker_start", **self._start_event)
+        if self.cfg.metrics_port is not None:  # 0: any free port (self.http.port)
+            self.http = WorkerHTTP(self.registry.get, port=self.cfg.metrics_port).start()
         try:
             while not self.stopping:
                 self.run_once()
