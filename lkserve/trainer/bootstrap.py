@@ -152,11 +152,11 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
                       extra_metadata: dict | None = None) -> BootstrapResult:
     """Train the worker's draft (settings.engine.method, settings.trainer knobs) from settings.engine.draft_model on
     bootstrap records, then register (and announce) it as the next version of the worker's registry."""
+    import torch
+
     from lkserve.trainer.drafts import ops_for
     from lkserve.trainer.publish import publish, register_base
     from lkserve.trainer.train import set_threads
-
-    import torch
 
     torch.manual_seed(seed)
     set_threads(settings.trainer.threads)
