@@ -67,7 +67,7 @@ def encode(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
         ids = list(tokenizer(text)["input_ids"])
     return ids[-max_prompt_tokens:]
@@ -76,7 +76,7 @@ def encode(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
 async def generate_records(engine, prompts: list[list[int]], *, max_tokens: int, temperature: float, seed: int,
                            concurrency: int = 16) -> list:
     """The capture records of `prompts` served by `engine` (capture on, memory sink), `concurrency` at a time."""
-    from lkserve.engine import sampling_params
+    from lkserve.engine.engine import sampling_params
 
     async def one(i: int, ids: list[int]):
         sp = sampling_params(temperature=temperature, max_tokens=max_tokens, seed=seed + i)
