@@ -220,3 +220,27 @@ def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_m
     return bootstrap_records(settings, registry, train_r, held_r, max_positions=max_positions,
                              max_minutes=max_minutes, seed=seed, announce=announce, generate_seconds=gen_s,
                              extra_metadata={"prompts": "mtbench+humaneval", **capture_kw})
+
+
+def draft_vocab_from_records(records: list, vocab_size: int, size: int, always=()):
+    """An EAGLE-3 truncated draft vocabulary from the bootstrap data itself: the `size` ids with the most expected
+    target mass at the captured positions (sum of the logged top-k probabilities), `always` (special tokens) forced
+    in, ascending. For `build_eagle3_head(..., draft_vocab_ids=...)`: a chat-and-code target's own output
+    distribution, not a fixed corpus."""
+    import numpy as np
+    import torch
+
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for r in records:
+        if not r.num_positions:
+            continue
+        ids = np.asarray(r.topk_ids, dtype=np.int64).ravel()
+        probs = np.asarray(r.topk_probs, dtype=np.float64).ravel()
+        ok = (ids >= 0) & (ids < vocab_size)
+        np.add.at(counts, ids[ok], probs[ok])
+    top = counts.max() + 1.0 if counts.size else 1.0
+    for s in always:
+        if s is not None and 0 <= s < vocab_size:
+            counts[s] = top
+    order = torch.argsort(torch.from_numpy(counts), descending=True, stable=True)[:size]
+    return torch.sort(order).values
