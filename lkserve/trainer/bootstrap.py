@@ -122,12 +122,14 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
     while not spent():
         order = usable[:]
         rng.shuffle(order)
+        stepped = False
         for group in split_by_positions(order, batch_positions):
             try:
                 batch = ops.batch(group)
-            except ValueError:
+            except ValueError:  # e.g. only position-0 rows, or a head's records without hidden states
                 continue
             trainer.step(batch)
+            stepped = True
             done += sum(r.num_positions for r in group)
             rate = done / max(1e-9, time.perf_counter() - t0)
             if trainer.step_count % eval_every_steps == 0:
@@ -143,6 +145,8 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
             progress(trainer.step_count, done, rate, last_alpha, eta)
             if spent():
                 break
+        if not stepped:
+            raise ValueError("no usable training batch in the bootstrap records")
     return history, done
 
 
