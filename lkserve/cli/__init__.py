@@ -81,6 +81,42 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
+    """Offline phase of the worker: capture the target's own generations, train, register (and announce)."""
+    from lkserve.capture.embedded_redis import discover_url, resolve_redis_url
+    from lkserve.drafts import DraftRegistry
+    from lkserve.models.prepare import prepare_default_models
+    from lkserve.trainer.bootstrap import run_bootstrap
+
+    if args.positions is None and args.minutes is None:
+        raise SystemExit("lkserve draft bootstrap needs a budget: --minutes and/or --positions")
+    settings = load_settings()
+    engine = settings.engine
+    if engine.target_model is None or engine.draft_model is None:  # the defaults `lkserve serve` would start
+        target, draft = prepare_default_models(settings.cache_dir, method=engine.method)
+        engine = engine.model_copy(update={"target_model": engine.target_model or str(target),
+                                           "draft_model": engine.draft_model or str(draft)})
+    url = settings.redis.url or discover_url(settings.cache_dir)[0]
+    handle = None
+    if url is None:  # the embedded Redis `lkserve serve` will start under the same cache dir
+        url, handle = resolve_redis_url(settings)
+    settings = settings.model_copy(update={"engine": engine, "redis": settings.redis.model_copy(update={"url": url})})
+    try:
+        res = run_bootstrap(settings, DraftRegistry(url, settings.redis.key_prefix), max_positions=args.positions,
+                            max_minutes=args.minutes, seed=args.seed, announce=not args.no_announce,
+                            max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
+                            concurrency=args.concurrency)
+    finally:
+        if handle is not None:
+            handle.stop()
+    print(json.dumps({"version": res.version, "heldout_before": res.before, "heldout_after": res.after,
+                      "steps": res.steps, "positions_trained": res.positions_trained,
+                      "train_records": res.train_records, "heldout_records": res.heldout_records,
+                      "generate_seconds": round(res.generate_seconds, 1),
+                      "train_seconds": round(res.train_seconds, 1)}, indent=2))
+    return 0
+
+
 BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice",
            "eagle3_losses", "lk_vs_kl_tiny")
 
@@ -143,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = draft_sub.add_parser("rollback", help="back to the previous (or a named) version")
     rollback.add_argument("--to", help="version to roll back to (default: the previous one)")
     rollback.set_defaults(func=cmd_draft_rollback)
+
+    boot = draft_sub.add_parser("bootstrap", help="train the draft offline on the target's own generations (MT-bench "
+                                                  "+ HumanEval prompts, held-out split), register it as a version")
+    boot.add_argument("--minutes", type=float, help="training budget in minutes")
+    boot.add_argument("--positions", type=int, help="training budget in positions")
+    boot.add_argument("--prompts", type=int, help="use only this many prompts (default: all 244)")
+    boot.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    boot.add_argument("--temperature", type=float, default=1.0)
+    boot.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    boot.add_argument("--seed", type=int, default=0)
+    boot.add_argument("--no-announce", action="store_true", help="register only; do not make it current")
+    boot.set_defaults(func=cmd_draft_bootstrap)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (prints JSON)")
     bench.add_argument("name", choices=BENCHES)
