@@ -79,7 +79,9 @@ async def generate_records(engine, prompts: list[list[int]], *, max_tokens: int,
     from lkserve.engine.engine import sampling_params
 
     async def one(i: int, ids: list[int]):
-        sp = sampling_params(temperature=temperature, max_tokens=max_tokens, seed=seed + i)
+        # no per-request seed: vLLM 0.32's CPU engine core dies on a seeded request whose prefill is chunked
+        # ("CPU Generator does not use offset"); the engine's own seed still fixes the run's sampling
+        sp = sampling_params(temperature=temperature, max_tokens=max_tokens)
         async for _ in engine.generate(ids, sp, f"boot-{uuid.uuid4().hex[:12]}"):
             pass
 
