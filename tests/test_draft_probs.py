@@ -87,7 +87,7 @@ def test_without_draft_probs_acceptance_falls_to_sum_p_q(rs):
 
 
 def _mixed(with_probs: bool):
-    """Even requests: a real draft from q; odd: a placeholder (-1) with a zero q row, as the draft-probs cache builds
+    """Even requests: a real draft from q; odd: a placeholder (-1) with a zero q row, as `install_placeholder_rows` builds
     them (or no draft probabilities at all, vLLM's fallback)."""
     ids = _drafts()
     ids[1::2] = -1

@@ -6,7 +6,7 @@ drafts are not from the last proposal (docs/engine.md, "Draft probabilities acro
    Triton rejection kernel rejects negative drafts; vLLM's CPU C++ kernel does not check them, reads p and q at
    index -1 (the previous row's last entry) and accepts placeholders: tokens that were never sampled from p.
    Clamp them to id 0 with a uniform of +inf, a certain rejection, so the position emits the recovered token ~ p.
-2. `install_draft_probs_cache`: the runner keeps the draft probabilities of the last proposal only, so a request
+2. `install_placeholder_rows`: the runner keeps the draft probabilities of the last proposal only, so a request
    holding placeholders makes `_get_spec_decode_draft_probs` return None for the whole batch, and vLLM then
    verifies every request against a point-mass q (exact, but acceptance falls from Σmin(p, q) to Σp·q). Give
    placeholder rows q = 0 and keep the other requests' rows.
@@ -70,7 +70,7 @@ def _wrap_random_sample(original):
     return _rejection_random_sample
 
 
-def install_draft_probs_cache(runner) -> dict[str, Any]:
+def install_placeholder_rows(runner) -> dict[str, Any]:
     """Wrap the runner's `_get_spec_decode_draft_probs` so placeholder requests get zero q rows instead of costing
     the whole batch its draft probabilities. Counters in `runner._lkserve_draft_probs`."""
     stats = getattr(runner, "_lkserve_draft_probs", None)

@@ -28,7 +28,7 @@ class LkserveWorkerExtension:
         patches.apply_cpu_fixes()  # plugins already did it in this process; idempotent
         patches.apply_empty_draft_fix()
         draft_probs.apply_placeholder_fix()  # after vLLM registered its CPU kernels (worker init)
-        draft_probs.install_draft_probs_cache(self.model_runner)
+        draft_probs.install_placeholder_rows(self.model_runner)
         self._lkserve_lock = threading.RLock()
         self._lkserve_capture: CaptureState | None = None
         self._lkserve_swapper = reload.make_swapper(self, version="base")
