@@ -377,3 +377,42 @@ def test_bootstrap_rebuilds_a_new_heads_vocabulary_from_its_records(tiny, redis_
         progress=lambda *a: None)
     assert again.vocab["source"] == "the base head's own (trained) vocabulary"
     assert torch.equal(load_head(registry.get(again.version)["path"], tiny.target).d2t_map, served)
+
+
+@pytest.mark.timeout(600)
+def test_a_rebuilt_vocabulary_is_hot_swapped_into_a_serving_head(tiny, engine_loop, tmp_path):
+    """The rebuilt head has the base's draft_vocab_size, so a gateway serving the original new head accepts the
+    bootstrapped one as a hot swap (what the announcement does): vLLM must then draft with the NEW d2t. Every
+    drafted token lies in the new vocabulary, and some only in it (a swap that kept the old map could not draft
+    those)."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    from lkserve.models.eagle3 import build_eagle3_head, load_head
+    from tests.conftest import AUX_LAYERS, K, _stop, corpus_prompts, start_eagle3_engine
+
+    head_dir = build_eagle3_head(tiny.target, tmp_path / "head", seed=0, draft_vocab_size=256,
+                                 aux_layer_ids=AUX_LAYERS, num_speculative_tokens=K, init="random")
+    old = set(load_head(head_dir, tiny.target).d2t_map.tolist())
+    hot = sorted(set(range(3, 512)) - old)[:40]
+    rebuilt = tmp_path / "rebuilt"
+    info = bootstrap.rebuild_head_vocab(head_dir, tiny.target, _hot_records(np.random.default_rng(1), 40, hot, 0),
+                                        rebuilt, K)
+    assert info is not None and info["replaced"] == "tiny test corpus"
+    new = set(load_head(rebuilt, tiny.target).d2t_map.tolist())
+    assert set(hot) <= new - old
+    handle = start_eagle3_engine(tiny, engine_loop, head_dir, "new-head")
+    try:
+        swap = handle.run(handle.engine.swap_draft(str(rebuilt), "rebuilt"))
+        assert swap.ok, swap
+        handle.drain()
+        sp = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True)
+        handle.generate_many([(p, sp) for p in corpus_prompts(handle.engine.tokenizer, 8, offset=700)])
+        recs = [r for r in handle.drain() if r.draft_version == "rebuilt"]
+    finally:
+        _stop(engine_loop, handle.engine)
+    drafted = {int(t) for r in recs for t in r.draft_token_ids}
+    print(json.dumps({"drafted_ids": len(drafted), "only_in_new_vocab": len(drafted - old)}))
+    assert len(drafted) >= 30
+    assert drafted <= new, sorted(drafted - new)[:10]
+    assert len(drafted - old) >= 3
