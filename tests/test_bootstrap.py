@@ -371,6 +371,12 @@ def test_bootstrap_rebuilds_a_new_heads_vocabulary_from_its_records(tiny, redis_
     assert torch.equal(served, expected)
     assert set(hot) <= set(served.tolist()) and not set(hot) & old
     assert set(special_ids(tiny.target)) <= set(served.tolist())
+    # rerun with the same state: the rebuilt head is reused (not rebuilt from the base), training continues
+    resumed = bootstrap.bootstrap_records(settings, registry, train_r, held_r, max_positions=800, seed=0,
+                                          state_dir=tmp_path / "state", progress=lambda *a: None)
+    assert resumed.resumed_step == res.steps > 0 and resumed.steps > res.steps
+    assert resumed.vocab == res.vocab
+    assert torch.equal(load_head(registry.get(resumed.version)["path"], tiny.target).d2t_map, expected)
     # the published version is a trained head: no rebuild, its own vocabulary is kept
     again = bootstrap.bootstrap_records(settings.model_copy(update={"engine": settings.engine.model_copy(
         update={"draft_model": meta["path"]})}), registry, train_r, held_r, max_positions=100, seed=0,

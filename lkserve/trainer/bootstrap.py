@@ -354,7 +354,10 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
         head_dir = state.path(BootstrapState.HEAD) if state is not None else os.path.join(
             tempfile.mkdtemp(prefix=".bootstrap-head-", dir=settings.cache_dir), "head")
         if state is not None and os.path.isfile(os.path.join(head_dir, "config.json")):  # the resumed run's
-            vocab = {"source": new_head_info(head_dir)["vocab_source"], "base": str(start)}
+            with open(os.path.join(head_dir, "config.json")) as f:
+                size = json.load(f).get("draft_vocab_size")
+            vocab = {"source": new_head_info(head_dir)["vocab_source"], "size": size,
+                     "replaced": (new_head_info(start) or {}).get("vocab_source"), "base": str(start)}
         else:
             vocab = rebuild_head_vocab(start, settings.engine.target_model, train_records, head_dir,
                                        settings.engine.num_speculative_tokens)
