@@ -382,6 +382,7 @@ def test_bootstrap_rebuilds_a_new_heads_vocabulary_from_its_records(tiny, redis_
         update={"draft_model": meta["path"]})}), registry, train_r, held_r, max_positions=100, seed=0,
         progress=lambda *a: None)
     assert again.vocab["source"] == "the base head's own (trained) vocabulary"
+    assert not list((tmp_path / "cache").glob(".bootstrap-head-*"))  # a stateless run leaves no temporary head
     assert torch.equal(load_head(registry.get(again.version)["path"], tiny.target).d2t_map, served)
 
 

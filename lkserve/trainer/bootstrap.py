@@ -364,10 +364,13 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
         if vocab is not None:
             base = str(head_dir)
         else:
+            if state is None:  # nothing was rebuilt into the temporary directory
+                os.rmdir(os.path.dirname(head_dir))
             info = new_head_info(start)
             with open(os.path.join(start, "config.json")) as f:
                 cfg = json.load(f)
-            vocab = {"source": info["vocab_source"] if info else "the base head's own (trained) vocabulary",
+            own = "the base head's own (trained) vocabulary"
+            vocab = {"source": (info["vocab_source"] or "full vocabulary") if info else own,
                      "size": cfg.get("draft_vocab_size"), "base": str(start)}
     trainer = ops.trainer(base)
     fp = _fingerprint(settings, base, seed, train_records, heldout_records)
