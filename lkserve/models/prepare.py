@@ -19,8 +19,9 @@ def prepare_default_models(
     """Convert SmolLM2-135M-Instruct (once) and derive the initial draft (once); return both directories.
 
     `<cache_dir>/models/SmolLM2-135M-Instruct` and `<cache_dir>/models/SmolLM2-135M-Instruct-draft-L2`, or with
-    method="eagle3" a new (untrained) EAGLE-3 head `<cache_dir>/models/SmolLM2-135M-Instruct-eagle3-v8192` instead of
-    the draft model. About 25 s the first time, milliseconds afterwards.
+    method="eagle3" a new (untrained) EAGLE-3 head `<cache_dir>/models/SmolLM2-135M-Instruct-eagle3-v8192-prompts`
+    instead of the draft model (its vocabulary counted on the MT-bench + HumanEval prompts: `-prompts`, so a head a
+    cache built on the old stdlib vocabulary is never reused). About 25 s the first time, milliseconds afterwards.
     """
     target_dir = prepare_target(cache_dir)
     if method == "eagle3":
@@ -28,7 +29,7 @@ def prepare_default_models(
 
         from lkserve.models.eagle3 import build_eagle3_head
 
-        head_dir = Path(cache_dir) / "models" / f"{TARGET_NAME}-eagle3-v{DEFAULT_HEAD_VOCAB}"
+        head_dir = Path(cache_dir) / "models" / f"{TARGET_NAME}-eagle3-v{DEFAULT_HEAD_VOCAB}-prompts"
         return target_dir, build_eagle3_head(target_dir, head_dir, seed=0, draft_vocab_size=DEFAULT_HEAD_VOCAB,
                                              dtype=torch.bfloat16)
     draft_dir = derive_draft(

@@ -11,12 +11,24 @@ Same code as the online loop, in three steps:
                 for a budget in positions and/or minutes; held-out alpha through the same gate evaluation.
     register -> lkserve.trainer.publish.publish into the worker's registry (sha256, config, dtype of the base), so
                 `lkserve serve` and the worker start from it.
+
+Resumable, with a state directory (BootstrapState; the CLI's default <cache>/bootstrap/<method>-<seed>):
+
+    records.lkvr        the captured train and held-out records (lkserve.capture.codec), written once after capture:
+                        a rerun skips the capture
+    head/               EAGLE-3 only: the new head rebuilt on a vocabulary chosen from records.lkvr (the training base)
+    training-state.pt   lkserve.trainer.state.TrainingStateStore, at every held-out evaluation, at the end and on
+                        Ctrl-C: trainer state (weights, optimizer, step), positions done, the shuffle RNG state at the
+                        start of the current pass and the next group in it, so a resumed run trains on exactly the
+                        batches the uninterrupted one would have
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import struct
 import sys
 import time
 import uuid
@@ -37,6 +49,92 @@ class BootstrapResult:
     generate_seconds: float
     train_seconds: float
     history: list = field(default_factory=list)
+    resumed_step: int = 0  # the step the run continued from (0: a fresh start)
+    resumed_positions: int = 0
+    vocab: dict | None = None  # EAGLE-3: where the draft vocabulary came from
+
+
+_RECORDS_MAGIC = b"LKRS"
+_U32 = struct.Struct("<I")
+
+
+class BootstrapState:
+    """A bootstrap's state directory (see the module docstring). Nothing here is a registry version: publishing
+    still goes through lkserve.trainer.publish."""
+
+    RECORDS = "records.lkvr"
+    HEAD = "head"
+
+    def __init__(self, directory):
+        from lkserve.trainer.state import TrainingStateStore
+
+        self.dir = os.fspath(directory)
+        self.store = TrainingStateStore(self.dir)
+
+    def discard(self) -> None:
+        """`--fresh`: forget the records, the rebuilt head and the training state."""
+        import shutil
+
+        for name in (self.RECORDS, self.store.path.name):
+            if os.path.exists(self.path(name)):
+                os.unlink(self.path(name))
+        shutil.rmtree(self.path(self.HEAD), ignore_errors=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def save_records(self, train: list, heldout: list, meta: dict) -> None:
+        """One file: magic, u32 header length, JSON header ({"train": n, "heldout": m, **meta}), then every record
+        as u32 length + lkserve.capture.codec bytes (train first). Atomic (tmp + fsync + rename)."""
+        import json
+
+        from lkserve.capture.codec import encode
+
+        header = json.dumps({"train": len(train), "heldout": len(heldout), **meta}).encode()
+        tmp = self.path(f".{self.RECORDS}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(_RECORDS_MAGIC + _U32.pack(len(header)) + header)
+            for r in (*train, *heldout):
+                blob = encode(r)
+                f.write(_U32.pack(len(blob)) + blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(self.RECORDS))
+
+    def load_records(self):
+        """(train, heldout, meta) from records.lkvr, None when there is none."""
+        import json
+
+        from lkserve.capture.codec import decode
+
+        path = self.path(self.RECORDS)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+        if bytes(data[:4]) != _RECORDS_MAGIC:
+            raise ValueError(f"{path}: not a bootstrap records file")
+        (n,) = _U32.unpack_from(data, 4)
+        meta = json.loads(bytes(data[8: 8 + n]))
+        off, records = 8 + n, []
+        while off < len(data):
+            (m,) = _U32.unpack_from(data, off)
+            records.append(decode(bytes(data[off + 4: off + 4 + m])))
+            off += 4 + m
+        n_train, n_held = int(meta.pop("train")), int(meta.pop("heldout"))
+        if len(records) != n_train + n_held:
+            raise ValueError(f"{path}: {len(records)} records, header says {n_train} + {n_held}")
+        return records[:n_train], records[n_train:], meta
+
+    def load_training(self) -> dict | None:
+        return self.store.load()
+
+    def save_training(self, state: dict) -> None:
+        self.store.save(state)
+
+
+def default_state_dir(settings, seed: int) -> str:
+    return os.path.join(settings.cache_dir, "bootstrap", f"{settings.engine.method}-{seed}")
 
 
 def prompt_texts() -> list[tuple[str, str]]:
@@ -102,17 +200,29 @@ def _progress(step: int, positions: int, rate: float, alpha: float | None, eta: 
 
 def train(ops, trainer, train_records: list, heldout_records: list, *, batch_positions: int,
           max_positions: int | None = None, max_minutes: float | None = None, eval_every_steps: int = 20,
-          seed: int = 0, progress=_progress) -> tuple[list, int]:
+          seed: int = 0, progress=_progress, resume: dict | None = None, save=None) -> tuple[list, int]:
     """Passes over `train_records` (shuffled each pass, seeded) in steps of ~`batch_positions`, until
-    `max_positions` trained or `max_minutes` spent (at least one step). Returns (history of held-out evals,
-    positions trained). Held-out records are only evaluated."""
+    `max_positions` trained in total (counting the positions of `resume`) or `max_minutes` spent in this call
+    (at least one step unless the positions are done already). Returns (history of held-out evals, positions
+    trained in total). Held-out records are only evaluated.
+
+    `save(state)` is called at every evaluation, at the end and on KeyboardInterrupt (then re-raised) with what
+    `resume` takes back: {"positions", "rng" (the shuffle RNG at the start of the current pass), "group" (the next
+    group of that pass), "history"}; the caller adds the trainer's state. Resuming replays the pass's shuffle and
+    skips the groups already trained: the same batches in the same order as a run that was never stopped."""
     import random
 
     if max_positions is None and max_minutes is None:
         raise ValueError("a bootstrap needs a budget: max_positions and/or max_minutes")
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    done, history, last_alpha = 0, [], None
+    done, history, last_alpha, next_group = 0, [], None, 0
+    if resume is not None:
+        rng.setstate(resume["rng"])
+        done, next_group, history = int(resume["positions"]), int(resume["group"]), list(resume["history"])
+        last_alpha = history[-1]["alpha_mean"] if history else None
+    done_at_start = done
+    pass_rng = rng.getstate()
     usable = [r for r in train_records if r.num_positions]
     if not usable:
         raise ValueError("no training positions in the bootstrap records")
@@ -121,43 +231,107 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
         return (max_positions is not None and done >= max_positions) or \
             (max_minutes is not None and time.perf_counter() - t0 >= 60 * max_minutes)
 
-    while not spent():
-        order = usable[:]
-        rng.shuffle(order)
-        stepped = False
-        for group in split_by_positions(order, batch_positions):
-            try:
-                batch = ops.batch(group)
-            except ValueError:  # e.g. only position-0 rows, or a head's records without hidden states
-                continue
-            trainer.step(batch)
-            stepped = True
-            done += sum(r.num_positions for r in group)
-            rate = done / max(1e-9, time.perf_counter() - t0)
-            if trainer.step_count % eval_every_steps == 0:
-                res = ops.evaluate(trainer.model, heldout_records)
-                last_alpha = res.alpha_mean
-                history.append({"step": trainer.step_count, "positions": done, **res.as_dict()})
-            eta = None
-            if max_positions is not None:
-                eta = max(0.0, (max_positions - done) / max(rate, 1e-9))
-            if max_minutes is not None:
-                left = 60 * max_minutes - (time.perf_counter() - t0)
-                eta = max(0.0, left) if eta is None else min(eta, max(0.0, left))
-            progress(trainer.step_count, done, rate, last_alpha, eta)
-            if spent():
-                break
-        if not stepped:
-            raise ValueError("no usable training batch in the bootstrap records")
+    def snapshot() -> dict:
+        return {"positions": done, "rng": pass_rng, "group": next_group, "history": history}
+
+    consistent = True  # False while a step is half applied (a Ctrl-C then saves nothing: the last save stands)
+    try:
+        while not spent():
+            pass_rng = rng.getstate()
+            order = usable[:]
+            rng.shuffle(order)
+            first, stepped = next_group, False
+            for gi, group in enumerate(split_by_positions(order, batch_positions)):
+                if gi < first:
+                    continue
+                next_group = gi + 1
+                try:
+                    batch = ops.batch(group)
+                except ValueError:  # e.g. only position-0 rows, or a head's records without hidden states
+                    continue
+                consistent = False
+                trainer.step(batch)
+                done += sum(r.num_positions for r in group)
+                consistent = True
+                stepped = True
+                rate = (done - done_at_start) / max(1e-9, time.perf_counter() - t0)
+                if trainer.step_count % eval_every_steps == 0:
+                    res = ops.evaluate(trainer.model, heldout_records)
+                    last_alpha = res.alpha_mean
+                    history.append({"step": trainer.step_count, "positions": done, **res.as_dict()})
+                    if save is not None:
+                        save(snapshot())
+                eta = None
+                if max_positions is not None:
+                    eta = max(0.0, (max_positions - done) / max(rate, 1e-9))
+                if max_minutes is not None:
+                    left = 60 * max_minutes - (time.perf_counter() - t0)
+                    eta = max(0.0, left) if eta is None else min(eta, max(0.0, left))
+                progress(trainer.step_count, done, rate, last_alpha, eta)
+                if spent():
+                    break
+            else:  # the pass is over: a resume starts the next one
+                pass_rng, next_group = rng.getstate(), 0
+            if not stepped and first == 0:
+                raise ValueError("no usable training batch in the bootstrap records")
+    except KeyboardInterrupt:
+        if save is not None and consistent:
+            save(snapshot())
+        raise
+    if save is not None:
+        save(snapshot())
     return history, done
+
+
+def _fingerprint(settings, base, seed: int, train_records: list, heldout_records: list) -> dict:
+    """What a saved training state must agree with to be resumed (else --fresh)."""
+    t = settings.trainer
+    return {"method": settings.engine.method, "base": str(base), "seed": seed, "loss": t.loss, "eta": t.eta,
+            "lr": t.lr_for(settings.engine.method), "batch_positions": t.batch_positions,
+            "train_params": t.train_params, "num_positions": settings.engine.num_speculative_tokens,
+            "train_records": len(train_records), "heldout_records": len(heldout_records)}
+
+
+def rebuild_head_vocab(base_dir, target_dir, records: list, out_dir, num_speculative_tokens: int) -> dict | None:
+    """A new (untrained) EAGLE-3 head with a truncated vocabulary rebuilt on `records` (draft_vocab_from_records:
+    the target's own output mass on the bootstrap data), same seed, init and architecture, saved at out_dir in the
+    base's dtype. None (nothing written) when the base is not a new head of build_eagle3_head (a trained head keeps
+    the vocabulary its weights were trained for) or has the full vocabulary. Returns where the vocabulary came from."""
+    import json
+
+    import torch
+
+    from lkserve.checkpoint import atomic_dir, checkpoint_float_dtype
+    from lkserve.models import eagle3 as e3
+
+    info = e3.new_head_info(base_dir)
+    with open(os.path.join(base_dir, "config.json")) as f:
+        spec = e3.spec_from_config(json.load(f), target_dir)
+    if info is None or not spec.truncated:
+        return None
+    ids = draft_vocab_from_records(records, spec.vocab_size, spec.draft_vocab_size, always=e3.special_ids(target_dir))
+    head = e3.new_head(target_dir, int(info["seed"]), spec.draft_vocab_size, spec.aux_layer_ids,
+                       float(info.get("init_std", 0.02)), draft_vocab_ids=ids, init=info.get("init", "target_head"))
+    positions = sum(r.num_positions for r in records)
+    source = f"bootstrap records ({len(records)} train records, {positions} positions)"
+    with atomic_dir(out_dir, replace=True) as tmp:
+        e3.save_head(head, tmp, target_dir, num_speculative_tokens, checkpoint_float_dtype(base_dir) or torch.float32)
+        e3.write_new_head_info(tmp, seed=int(info["seed"]), init=info.get("init", "target_head"),
+                               init_std=float(info.get("init_std", 0.02)), vocab_source=source)
+    return {"source": source, "size": spec.draft_vocab_size, "replaced": info.get("vocab_source"),
+            "base": str(base_dir)}
 
 
 def bootstrap_records(settings, registry, train_records: list, heldout_records: list, *,
                       max_positions: int | None = None, max_minutes: float | None = None, seed: int = 0,
                       announce: bool = True, generate_seconds: float = 0.0, progress=_progress,
-                      extra_metadata: dict | None = None) -> BootstrapResult:
+                      extra_metadata: dict | None = None, state_dir=None) -> BootstrapResult:
     """Train the worker's draft (settings.engine.method, settings.trainer knobs) from settings.engine.draft_model on
-    bootstrap records, then register (and announce) it as the next version of the worker's registry."""
+    bootstrap records, then register (and announce) it as the next version of the worker's registry.
+
+    EAGLE-3: a new head (lkserve.models.eagle3.new_head_info) is first rebuilt on a vocabulary chosen from
+    `train_records` (rebuild_head_vocab). With `state_dir` the training state is saved there (see the module
+    docstring) and a saved one is resumed; it must come from the same settings, base and records (ValueError)."""
     import torch
 
     from lkserve.trainer.drafts import ops_for
@@ -167,27 +341,80 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
     torch.manual_seed(seed)
     set_threads(settings.trainer.threads)
     ops = ops_for(settings)
-    base = settings.engine.draft_model
+    start = settings.engine.draft_model
+    state = BootstrapState(state_dir) if state_dir is not None else None
+    base, vocab = start, None
+    if settings.engine.method == "eagle3":
+        import json
+        import tempfile
+
+        from lkserve.models.eagle3 import new_head_info
+
+        os.makedirs(settings.cache_dir, exist_ok=True)
+        head_dir = state.path(BootstrapState.HEAD) if state is not None else os.path.join(
+            tempfile.mkdtemp(prefix=".bootstrap-head-", dir=settings.cache_dir), "head")
+        if state is not None and os.path.isfile(os.path.join(head_dir, "config.json")):  # the resumed run's
+            with open(os.path.join(head_dir, "config.json")) as f:
+                size = json.load(f).get("draft_vocab_size")
+            vocab = {"source": new_head_info(head_dir)["vocab_source"], "size": size,
+                     "replaced": (new_head_info(start) or {}).get("vocab_source"), "base": str(start)}
+        else:
+            vocab = rebuild_head_vocab(start, settings.engine.target_model, train_records, head_dir,
+                                       settings.engine.num_speculative_tokens)
+        if vocab is not None:
+            base = str(head_dir)
+        else:
+            if state is None:  # nothing was rebuilt into the temporary directory
+                os.rmdir(os.path.dirname(head_dir))
+            info = new_head_info(start)
+            with open(os.path.join(start, "config.json")) as f:
+                cfg = json.load(f)
+            own = "the base head's own (trained) vocabulary"
+            vocab = {"source": (info["vocab_source"] or "full vocabulary") if info else own,
+                     "size": cfg.get("draft_vocab_size"), "base": str(start)}
     trainer = ops.trainer(base)
-    before = ops.evaluate(trainer.model, heldout_records).as_dict()
+    fp = _fingerprint(settings, base, seed, train_records, heldout_records)
+    saved = state.load_training() if state is not None else None
+    resume = None
+    if saved is not None:
+        if saved["config"] != fp:
+            diff = {k: (saved["config"].get(k), v) for k, v in fp.items() if saved["config"].get(k) != v}
+            raise ValueError(f"{state.dir}: the saved bootstrap state was made with other settings {diff} "
+                             "(saved, now); rerun with --fresh to discard it")
+        trainer.load_state_dict(saved["trainer"])
+        before, resume = saved["before"], saved["loop"]
+    else:
+        before = ops.evaluate(trainer.model, heldout_records).as_dict()
+    resumed_step, resumed_positions = trainer.step_count, int(resume["positions"]) if resume else 0
+
+    def save(loop: dict) -> None:
+        state.save_training({"trainer": trainer.state_dict(), "loop": loop, "before": before, "config": fp,
+                             "saved_at": time.time()})
+
     t0 = time.perf_counter()
     history, done = train(ops, trainer, train_records, heldout_records,
                           batch_positions=settings.trainer.batch_positions, max_positions=max_positions,
                           max_minutes=max_minutes, eval_every_steps=settings.trainer.eval_every_steps, seed=seed,
-                          progress=progress)
+                          progress=progress, resume=resume, save=save if state is not None else None)
     train_seconds = time.perf_counter() - t0
     after = ops.evaluate(trainer.model, heldout_records).as_dict()
-    register_base(registry, base, settings.trainer.base_version)
+    register_base(registry, start, settings.trainer.base_version)
     meta = publish(registry, trainer.model, base, settings.cache_dir, save=ops.save, announce=announce, metadata={
         "method": settings.engine.method, "loss": settings.trainer.loss, "eta": settings.trainer.eta,
         "step": trainer.step_count, "positions_trained": done, "bootstrap": True, "seed": seed,
         "heldout_alpha_before": before["alpha_mean"], "heldout_alpha_after": after["alpha_mean"],
         "heldout_tau_before": before["tau"], "heldout_tau_after": after["tau"], "heldout_rows": after["rows"],
         "parent": settings.trainer.base_version, "train_params": settings.trainer.train_params,
+        "resumed_from_step": resumed_step, **({"draft_vocab": vocab} if vocab is not None else {}),
         **(extra_metadata or {}),
     })
+    if state is None and base != start:  # the rebuilt head of a stateless run: the version holds what serves
+        import shutil
+
+        shutil.rmtree(os.path.dirname(base), ignore_errors=True)
     return BootstrapResult(meta["version"], before, after, trainer.step_count, done, len(train_records),
-                           len(heldout_records), generate_seconds, train_seconds, history)
+                           len(heldout_records), generate_seconds, train_seconds, history, resumed_step,
+                           resumed_positions, vocab)
 
 
 async def capture_split(engine, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
@@ -206,12 +433,35 @@ async def capture_split(engine, *, heldout_fraction: float = 0.2, max_prompts: i
     return train_r, held_r, time.perf_counter() - t0
 
 
+def records_for(state: BootstrapState | None, capture, meta: dict):
+    """(train, heldout, capture seconds): the state directory's records when it has them (nothing captured; a
+    different capture `meta` is refused), else `capture()` and, with a state directory, saved there once."""
+    if state is not None:
+        got = state.load_records()
+        if got is not None:
+            train_r, held_r, saved = got
+            saved.pop("generate_seconds", None)
+            if saved != meta:
+                raise ValueError(f"{state.dir}: its records were captured with {saved}, not {meta}; "
+                                 "rerun with --fresh to discard them")
+            return train_r, held_r, 0.0
+    train_r, held_r, gen_s = capture()
+    if state is not None:
+        state.save_records(train_r, held_r, {**meta, "generate_seconds": gen_s})
+    return train_r, held_r, gen_s
+
+
 def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_minutes: float | None = None,
-                  seed: int = 0, announce: bool = True, **capture_kw) -> BootstrapResult:
+                  seed: int = 0, announce: bool = True, state_dir=None, fresh: bool = False,
+                  **capture_kw) -> BootstrapResult:
     """The CLI: an in-process engine serving settings.engine (capture on, memory sink) captures, is stopped (the
-    CPU is the trainer's then), and the draft is trained and registered. `capture_kw`: capture_split's."""
+    CPU is the trainer's then), and the draft is trained and registered. `capture_kw`: capture_split's.
+    `state_dir` (None: no state): resume from it (records, training state); `fresh` discards it first."""
     from lkserve.engine.engine import Engine
 
+    state = BootstrapState(state_dir) if state_dir is not None else None
+    if state is not None and fresh:
+        state.discard()
     capture = settings.capture.model_copy(update={
         "enabled": True, "sample_rate": 1.0, "hidden_states": settings.engine.method == "eagle3"})
 
@@ -222,10 +472,12 @@ def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_m
         finally:
             await engine.shutdown()
 
-    train_r, held_r, gen_s = asyncio.run(go())
+    meta = {"prompts": "mtbench+humaneval", "seed": seed, "target": str(settings.engine.target_model),
+            "draft": str(settings.engine.draft_model), **capture_kw}
+    train_r, held_r, gen_s = records_for(state, lambda: asyncio.run(go()), meta)
     return bootstrap_records(settings, registry, train_r, held_r, max_positions=max_positions,
                              max_minutes=max_minutes, seed=seed, announce=announce, generate_seconds=gen_s,
-                             extra_metadata={"prompts": "mtbench+humaneval", **capture_kw})
+                             extra_metadata={"prompts": "mtbench+humaneval", **capture_kw}, state_dir=state_dir)
 
 
 def draft_vocab_from_records(records: list, vocab_size: int, size: int, always=()):
