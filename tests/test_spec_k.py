@@ -112,3 +112,83 @@ def test_cost_from_profile():
     c = cost_from_profile(profile, "draft_model")
     assert (c.c0, c.c_draft, c.c_verify) == pytest.approx((29.0, 4.0, 1.0))
     assert c(0) == 30.0 and c(4) == 52.0 and c(2) == pytest.approx(29 + 8 + 3)
+
+
+# ------------------------------------------------------------------------------ the gateway's gauges (no engine)
+def _spec(drafted_steps, accepted_steps, k=4):
+    from lkserve.engine.types import SpecStats
+
+    return SpecStats(num_spec_tokens=k, steps=len(drafted_steps), drafted=sum(drafted_steps),
+                     accepted=sum(accepted_steps), per_step_drafted=drafted_steps, per_step_accepted=accepted_steps,
+                     per_position_drafted=[sum(d > j for d in drafted_steps) for j in range(k)],
+                     per_position_accepted=[sum(a > j for a in accepted_steps) for j in range(k)])
+
+
+@pytest.fixture
+def k_policy():
+    from lkserve.gateway.spec_k import K_POLICY
+    from lkserve.metrics import serving
+
+    saved, window, current = dict(vars(K_POLICY)), serving.WINDOW_STEPS[0], serving.current_version()
+    yield K_POLICY
+    vars(K_POLICY).clear()
+    vars(K_POLICY).update(saved)
+    serving.set_window(window)
+    serving.set_version(current)
+
+
+def _gauges(name):
+    from prometheus_client import REGISTRY
+
+    return {s.labels.get("version"): s.value for fam in REGISTRY.collect() for s in fam.samples if s.name == name}
+
+
+def test_window_keeps_the_recent_steps_and_gauges_follow(k_policy):
+    from lkserve.config import EngineSettings
+    from lkserve.metrics import serving
+
+    k_policy.configure(EngineSettings(num_speculative_tokens=4, k_window_steps=100, k_min_drafted=10,
+                                      step_cost_ms={"c0": 10, "c_draft": 2, "c_verify": 0}))
+    v = "kpolicy-window"
+    # first 100 steps: every draft accepted; then 100 steps accepting only position 0 half of the time
+    for _ in range(5):
+        serving.observe_spec(v, _spec([4] * 20, [4] * 20))
+    assert _gauges("lkserve_spec_recommended_k")[v] == 4  # alpha 1, cost 10 + 2K: (K+1)/(10+2K) rises with K
+    assert _gauges("lkserve_spec_expected_speedup")[v] == pytest.approx(5 / 18 * 10)
+    for _ in range(5):
+        serving.observe_spec(v, _spec([4] * 20, [1, 0] * 10))
+    steps, drafted, accepted = serving.recent_position_counts(v)
+    assert steps == 100 and drafted == [100] * 4 and accepted == [50, 0, 0, 0]  # the old requests left the window
+    assert _gauges("lkserve_spec_recommended_k")[v] == 1
+    assert _gauges("lkserve_spec_expected_speedup")[v] == pytest.approx(1.5 / 12 * 10)
+    alphas = {s.labels["position"]: s.value for fam in __import__("prometheus_client").REGISTRY.collect()
+              for s in fam.samples if s.name == "lkserve_spec_conditional_acceptance" and s.labels["version"] == v}
+    assert alphas == {"0": 0.5, "1": 0.0, "2": 0.0, "3": 0.0}
+
+
+def test_no_recommendation_below_min_drafted(k_policy):
+    from lkserve.config import EngineSettings
+    from lkserve.metrics import serving
+
+    k_policy.configure(EngineSettings(num_speculative_tokens=4, k_min_drafted=50))
+    serving.observe_spec("kpolicy-few", _spec([4] * 10, [4] * 10))
+    assert "kpolicy-few" not in _gauges("lkserve_spec_recommended_k")
+    assert _gauges("lkserve_spec_window_steps")["kpolicy-few"] == 10
+    summary = k_policy.summary("kpolicy-few")
+    assert summary["k"] is None and summary["window_steps"] == 10
+
+
+def test_cost_for_settings(tmp_path):
+    import json
+
+    from lkserve.config import EngineSettings
+    from lkserve.engine.spec_k import DEFAULT_COST_MS, cost_for
+
+    assert cost_for(EngineSettings(method="none")) is None
+    assert cost_for(EngineSettings(method="eagle3")) == DEFAULT_COST_MS["eagle3"]
+    assert cost_for(EngineSettings(step_cost_ms={"c0": 1, "c_draft": 2, "c_verify": 3}))(1) == 1 + 2 + 6
+    f = tmp_path / "step_cost.json"
+    f.write_text(json.dumps({"config": {"k": 2}, "no_spec": {"1_stream": {"step_ms": 10, "verification_ms": 9}},
+                             "draft_model": {"1_stream": {"step_ms": 16, "verification_ms": 11, "drafting_ms": 4}}}))
+    c = cost_for(EngineSettings(step_cost_file=f))
+    assert (c.c0, c.c_draft, c.c_verify) == pytest.approx((9.0, 2.0, 1.0)) and c(2) == 16

@@ -21,8 +21,10 @@ Pure Python (no vLLM, no torch): the gateway computes it per scrape, the engine 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,20 @@ def cost_from_profile(profile: Mapping, method: str, streams: str = "1_stream") 
     c0 = float(plain["step_ms"]) - c_verify
     return StepCost(c0=c0, c_draft=c_draft, c_verify=c_verify,
                     measured={0: float(plain["step_ms"]), k: float(spec["step_ms"])})
+
+
+def cost_for(settings) -> StepCost | None:
+    """The step-cost model an EngineSettings names: step_cost_file (bench/step_cost.py JSON, 1 stream), else
+    step_cost_ms, else DEFAULT_COST_MS[method]; None for method "none"."""
+    method = settings.method
+    if method == "none":
+        return None
+    if settings.step_cost_file is not None:
+        return cost_from_profile(json.loads(Path(settings.step_cost_file).read_text()), method)
+    if settings.step_cost_ms:
+        c = settings.step_cost_ms
+        return StepCost(c0=float(c["c0"]), c_draft=float(c["c_draft"]), c_verify=float(c["c_verify"]))
+    return DEFAULT_COST_MS.get(method, DEFAULT_COST_MS["draft_model"])
 
 
 def conditional_alphas(drafted: Sequence[int], accepted: Sequence[int], min_drafted: int = 1) -> list[float]:

@@ -13,7 +13,7 @@ from lkserve.capture.accumulator import CaptureState
 from lkserve.capture.record import record_to_wire
 from lkserve.capture.sink import make_capture_sink
 from lkserve.config import CaptureSettings
-from lkserve.engine.vllm import draft_probs, hooks, patches, reload
+from lkserve.engine.vllm import draft_probs, hooks, patches, reload, spec_k
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -33,6 +33,8 @@ class LkserveWorkerExtension:
         self._lkserve_capture: CaptureState | None = None
         self._lkserve_swapper = reload.make_swapper(self, version="base")
         hooks.install_runner_hooks(self)
+        if spec_k.k_max(self.model_runner):
+            spec_k.install_k_limit(self.model_runner)
         self._lkserve_ready = True
 
     def _lkserve_lookup(self):
@@ -102,6 +104,14 @@ class LkserveWorkerExtension:
             logger.log(level, "lkserve: draft swap to %s: %s (%.3fs)", version, res["reason"], res["seconds"])
             return res
 
+    def lkserve_set_spec_k(self, k: int | None) -> dict:
+        """Draft at most k tokens per step from the next step on (None: the configured K)."""
+        self._lkserve_init()
+        with self._lkserve_lock:
+            res = spec_k.set_k_limit(self.model_runner, k)
+        logger.info("lkserve: spec K -> %s: %s", res.get("k"), res["reason"])
+        return res
+
     def lkserve_draft_info(self) -> dict:
         self._lkserve_init()
         return self._lkserve_swapper.info()
@@ -118,4 +128,5 @@ class LkserveWorkerExtension:
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
+            "spec_k": spec_k.k_info(self.model_runner),
         }
