@@ -1,0 +1,178 @@
+"""K by measurement: one engine per method started at K = --k-max, then K = 1..k_max applied at run time
+(`Engine.set_spec_k`, the same path engine.adaptive_k uses), the same prompts at each K. JSON out.
+
+Per K: tokens/s (1 stream, wall clock), engine steps, ms per step (wall / steps), acceptance per position. Then
+the K policy (lkserve/engine/spec_k.py) is checked against the sweep: with the measured ms per step as its cost
+model, from the conditional alphas measured at K = k_max (all positions measured) and at K = 1 (positions 2.. held
+at alpha_1), which K does it pick, and which K was fastest?
+
+Run: flock /tmp/lkserve-engine.lock .venv/bin/python bench/k_sweep.py [--k-max 6] [--prompts 6] [--max-tokens 48]
+     [--methods none ngram draft_model eagle3] > bench/results/k_sweep.json
+     .venv/bin/python bench/k_sweep.py --reanalyse bench/results/k_sweep.json   # recompute steps and analysis
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def load_prompts(tok, n: int) -> list[list[int]]:
+    """MT-bench first turns (chat template) and HumanEval stubs, alternating."""
+    from lkserve.prompts import humaneval_prompts, mtbench_prompts
+
+    mt = [q["turns"][0] for q in mtbench_prompts()]
+    he = [p["prompt"] for p in humaneval_prompts()]
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            text = tok.apply_chat_template([{"role": "user", "content": mt[i // 2]}], add_generation_prompt=True,
+                                           tokenize=False)
+        else:
+            text = he[i // 2]
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
+    tokens = 0
+    drafted, accepted = [0] * k_max, [0] * k_max
+    t0 = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        async for ch in engine.generate(ids, sp, f"ksweep-{tag}-{i}", capture=False):
+            if ch.finished:
+                tokens += ch.num_output_tokens
+                s = ch.spec
+                if s is not None:
+                    for j in range(min(k_max, len(s.per_position_drafted))):
+                        drafted[j] += s.per_position_drafted[j]
+                        accepted[j] += s.per_position_accepted[j]
+    seconds = time.perf_counter() - t0
+    out = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+    if any(drafted):
+        out.update(drafted_per_position=drafted, accepted_per_position=accepted)
+    return with_steps(out)
+
+
+def with_steps(r: dict) -> dict:
+    """Engine steps = tokens - accepted drafts (every step, the prefill included, emits one token of its own plus
+    the drafts it accepted; SpecStats.steps counts only steps that drafted, which ngram often does not)."""
+    steps = r["tokens"] - sum(r.get("accepted_per_position", ()))
+    return {**r, "steps": steps, "ms_per_step": round(1000 * r["seconds"] / max(steps, 1), 3),
+            "tokens_per_step": round(r["tokens"] / max(steps, 1), 3)}
+
+
+async def sweep(method: str, args, target_dir, draft_dir) -> dict:
+    from lkserve.config import CaptureSettings, EngineSettings
+    from lkserve.engine.engine import Engine, sampling_params
+
+    settings = EngineSettings(target_model=str(target_dir), draft_model=str(draft_dir) if draft_dir else None,
+                              method=method, num_speculative_tokens=args.k_max, dtype="bfloat16",
+                              max_model_len=2048, max_num_seqs=4, seed=0)
+    engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
+    try:
+        prompts = load_prompts(engine.tokenizer, args.prompts)
+        sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+        await run_one_stream(engine, prompts[:1], sampling_params(max_tokens=8, temperature=0.0), "warm", args.k_max)
+        if method == "none":
+            r = await run_one_stream(engine, prompts, sp, "none", args.k_max)
+            log(method, r)
+            return {"0": r}
+        out = {}
+        for k in range(1, args.k_max + 1):
+            res = await engine.set_spec_k(k)
+            assert res["ok"], res
+            r = await run_one_stream(engine, prompts, sp, f"{method}-{k}", args.k_max)
+            assert all(d == 0 for d in r.get("drafted_per_position", [0] * args.k_max)[k:]), r
+            log(method, f"K={k}", r)
+            out[str(k)] = r
+        return out
+    finally:
+        await engine.shutdown()
+
+
+def analyse(by_k: dict, none: dict, k_max: int) -> dict:
+    from lkserve.engine.spec_k import StepCost, choose_k_from_counts
+
+    measured = {0: none["ms_per_step"], **{int(k): r["ms_per_step"] for k, r in by_k.items()}}
+    cost = StepCost(0.0, 0.0, 0.0, measured=measured)
+    fastest = max(by_k, key=lambda k: by_k[k]["tokens_per_s"])
+    out = {"fastest_k": int(fastest),
+           "fastest_speedup": round(by_k[fastest]["tokens_per_s"] / none["tokens_per_s"], 3),
+           "speedup_by_k": {k: round(r["tokens_per_s"] / none["tokens_per_s"], 3) for k, r in by_k.items()},
+           "step_over_plain_by_k": {k: round(r["ms_per_step"] / none["ms_per_step"], 3) for k, r in by_k.items()}}
+    for at in (str(k_max), "1"):
+        r = by_k.get(at, {})
+        if "drafted_per_position" not in r:
+            continue
+        ch = choose_k_from_counts(r["drafted_per_position"], r["accepted_per_position"], cost, k_max, min_drafted=20)
+        if ch is not None:
+            out[f"policy_from_K{at}"] = {"k": ch.k, "expected_speedup": round(ch.speedup, 3),
+                                         "alphas": [round(a, 3) for a in ch.alphas],
+                                         "measured_positions": ch.measured_positions,
+                                         "expected_speedup_by_k": {k: round(v, 3) for k, v in ch.speedup_by_k.items()}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k-max", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--methods", nargs="+", default=["none", "ngram", "draft_model", "eagle3"])
+    ap.add_argument("--reanalyse", help="a k_sweep JSON: recompute steps and the analysis from its raw counts")
+    args = ap.parse_args()
+    if args.reanalyse:
+        with open(args.reanalyse) as f:
+            out = json.load(f)
+        out["methods"] = {m: {k: with_steps(r) for k, r in by_k.items()} for m, by_k in out["methods"].items()}
+        add_analysis(out, out["config"]["k_max"])
+        print(json.dumps(out, indent=1))
+        return
+    from lkserve.cli.bench_io import json_stdout
+
+    json_out = json_stdout()  # vLLM's child processes log to fd 1
+
+    from lkserve.config import default_cache_dir
+    from lkserve.models.prepare import prepare_default_models
+
+    cache = default_cache_dir()
+    target_dir, draft_dir = prepare_default_models(cache)
+    out = {"config": {"target": target_dir.name, "k_max": args.k_max, "prompts": args.prompts,
+                      "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "dtype": "bfloat16",
+                      "layout": "in_process", "enforce_eager": True, "capture": False,
+                      "prompt_set": "MT-bench first turns (chat) and HumanEval stubs, alternating",
+                      "k_applied": "at run time, Engine.set_spec_k (one engine per method, started at k_max)"},
+           "methods": {}}
+    for method in args.methods:
+        draft = None
+        if method == "draft_model":
+            draft = draft_dir
+        elif method == "eagle3":
+            draft = prepare_default_models(cache, method="eagle3")[1]
+        if draft is not None:
+            out["config"].setdefault("drafts", {})[method] = draft.name
+        out["methods"][method] = asyncio.run(sweep(method, args, target_dir, draft))
+    add_analysis(out, args.k_max)
+    print(json.dumps(out, indent=1), file=json_out)
+
+
+def add_analysis(out: dict, k_max: int) -> None:
+    none = out["methods"].get("none", {}).get("0")
+    if none:
+        out["analysis"] = {m: analyse(r, none, k_max) for m, r in out["methods"].items() if m != "none"}
+
+
+if __name__ == "__main__":
+    main()
