@@ -65,6 +65,20 @@ async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
     return with_steps(out)
 
 
+def merge(acc: dict | None, r: dict) -> dict:
+    """Sum two rounds' counts; keep each round's seconds."""
+    if acc is None:
+        return {**r, "round_seconds": [r["seconds"]]}
+    out = {"tokens": acc["tokens"] + r["tokens"], "seconds": round(acc["seconds"] + r["seconds"], 3),
+           "round_seconds": acc["round_seconds"] + [r["seconds"]]}
+    out["tokens_per_s"] = round(out["tokens"] / out["seconds"], 2)
+    if "drafted_per_position" in r:
+        out["drafted_per_position"] = [a + b for a, b in zip(acc["drafted_per_position"], r["drafted_per_position"])]
+        out["accepted_per_position"] = [a + b for a, b in zip(acc["accepted_per_position"],
+                                                               r["accepted_per_position"])]
+    return with_steps(out)
+
+
 def with_steps(r: dict) -> dict:
     """Engine steps = tokens - accepted drafts (every step, the prefill included, emits one token of its own plus
     the drafts it accepted; SpecStats.steps counts only steps that drafted, which ngram often does not)."""
@@ -85,18 +99,17 @@ async def sweep(method: str, args, target_dir, draft_dir) -> dict:
         prompts = load_prompts(engine.tokenizer, args.prompts)
         sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         await run_one_stream(engine, prompts[:1], sampling_params(max_tokens=8, temperature=0.0), "warm", args.k_max)
-        if method == "none":
-            r = await run_one_stream(engine, prompts, sp, "none", args.k_max)
-            log(method, r)
-            return {"0": r}
-        out = {}
-        for k in range(1, args.k_max + 1):
-            res = await engine.set_spec_k(k)
-            assert res["ok"], res
-            r = await run_one_stream(engine, prompts, sp, f"{method}-{k}", args.k_max)
-            assert all(d == 0 for d in r.get("drafted_per_position", [0] * args.k_max)[k:]), r
-            log(method, f"K={k}", r)
-            out[str(k)] = r
+        ks = [0] if method == "none" else list(range(1, args.k_max + 1))
+        out: dict[str, dict] = {}
+        for rnd in range(args.rounds):  # rounds interleave the Ks: slow phases of a busy machine hit all of them
+            for k in ks:
+                if k:
+                    res = await engine.set_spec_k(k)
+                    assert res["ok"], res
+                r = await run_one_stream(engine, prompts, sp, f"{method}-{k}-{rnd}", args.k_max)
+                assert all(d == 0 for d in r.get("drafted_per_position", [0] * args.k_max)[k:]), r
+                log(method, f"K={k} round {rnd}", r)
+                out[str(k)] = merge(out.get(str(k)), r)
         return out
     finally:
         await engine.shutdown()
@@ -131,6 +144,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "draft_model", "eagle3"])
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--reanalyse", help="a k_sweep JSON: recompute steps and the analysis from its raw counts")
     args = ap.parse_args()
     if args.reanalyse:
@@ -151,7 +165,8 @@ def main() -> None:
     target_dir, draft_dir = prepare_default_models(cache)
     out = {"config": {"target": target_dir.name, "k_max": args.k_max, "prompts": args.prompts,
                       "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "dtype": "bfloat16",
-                      "layout": "in_process", "enforce_eager": True, "capture": False,
+                      "layout": "in_process", "enforce_eager": True, "capture": False, "rounds": args.rounds,
+                      "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "unset (auto)"),
                       "prompt_set": "MT-bench first turns (chat) and HumanEval stubs, alternating",
                       "k_applied": "at run time, Engine.set_spec_k (one engine per method, started at k_max)"},
            "methods": {}}
