@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -48,6 +49,7 @@ def load_prompts(tok, n: int) -> list[list[int]]:
 async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
     tokens = 0
     drafted, accepted = [0] * k_max, [0] * k_max
+    c0 = engine_cpu_seconds()
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
         async for ch in engine.generate(ids, sp, f"ksweep-{tag}-{i}", capture=False):
@@ -59,7 +61,8 @@ async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
                         drafted[j] += s.per_position_drafted[j]
                         accepted[j] += s.per_position_accepted[j]
     seconds = time.perf_counter() - t0
-    out = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+    out = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
+           "engine_cpu_seconds": round(engine_cpu_seconds() - c0, 3)}
     if any(drafted):
         out.update(drafted_per_position=drafted, accepted_per_position=accepted)
     return with_steps(out)
@@ -70,7 +73,8 @@ def merge(acc: dict | None, r: dict) -> dict:
     if acc is None:
         return {**r, "round_seconds": [r["seconds"]]}
     out = {"tokens": acc["tokens"] + r["tokens"], "seconds": round(acc["seconds"] + r["seconds"], 3),
-           "round_seconds": acc["round_seconds"] + [r["seconds"]]}
+           "round_seconds": acc["round_seconds"] + [r["seconds"]],
+           "engine_cpu_seconds": round(acc.get("engine_cpu_seconds", 0) + r.get("engine_cpu_seconds", 0), 3)}
     out["tokens_per_s"] = round(out["tokens"] / out["seconds"], 2)
     if "drafted_per_position" in r:
         out["drafted_per_position"] = [a + b for a, b in zip(acc["drafted_per_position"], r["drafted_per_position"])]
@@ -79,12 +83,32 @@ def merge(acc: dict | None, r: dict) -> dict:
     return with_steps(out)
 
 
+def engine_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's children: the engine core, with the worker inside it. On a
+    busy machine wall time measures the other jobs too; CPU time of a single-threaded engine
+    (VLLM_CPU_OMP_THREADS_BIND=<one core>: no OpenMP thread spin-waiting on a preempted peer) much less so."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def with_steps(r: dict) -> dict:
     """Engine steps = tokens - accepted drafts (every step, the prefill included, emits one token of its own plus
     the drafts it accepted; SpecStats.steps counts only steps that drafted, which ngram often does not)."""
     steps = r["tokens"] - sum(r.get("accepted_per_position", ()))
-    return {**r, "steps": steps, "ms_per_step": round(1000 * r["seconds"] / max(steps, 1), 3),
-            "tokens_per_step": round(r["tokens"] / max(steps, 1), 3)}
+    out = {**r, "tokens_per_s": round(r["tokens"] / r["seconds"], 2), "steps": steps, "ms_per_step": round(1000 * r["seconds"] / max(steps, 1), 3),
+           "tokens_per_step": round(r["tokens"] / max(steps, 1), 3)}
+    if "engine_cpu_seconds" in r:
+        out["cpu_ms_per_step"] = round(1000 * r["engine_cpu_seconds"] / max(steps, 1), 3)
+        out["tokens_per_cpu_s"] = round(r["tokens"] / max(r["engine_cpu_seconds"], 1e-9), 2)
+    return out
 
 
 async def sweep(method: str, args, target_dir, draft_dir) -> dict:
@@ -116,25 +140,34 @@ async def sweep(method: str, args, target_dir, draft_dir) -> dict:
 
 
 def analyse(by_k: dict, none: dict, k_max: int) -> dict:
+    """Per basis (wall clock; engine CPU time): the fastest K, speedups, step-cost ratios, and the K policy's
+    choice with the measured ms per step as its cost model, from the alphas measured at K=k_max and at K=1."""
     from lkserve.engine.spec_k import StepCost, choose_k_from_counts
 
-    measured = {0: none["ms_per_step"], **{int(k): r["ms_per_step"] for k, r in by_k.items()}}
-    cost = StepCost(0.0, 0.0, 0.0, measured=measured)
-    fastest = max(by_k, key=lambda k: by_k[k]["tokens_per_s"])
-    out = {"fastest_k": int(fastest),
-           "fastest_speedup": round(by_k[fastest]["tokens_per_s"] / none["tokens_per_s"], 3),
-           "speedup_by_k": {k: round(r["tokens_per_s"] / none["tokens_per_s"], 3) for k, r in by_k.items()},
-           "step_over_plain_by_k": {k: round(r["ms_per_step"] / none["ms_per_step"], 3) for k, r in by_k.items()}}
-    for at in (str(k_max), "1"):
-        r = by_k.get(at, {})
-        if "drafted_per_position" not in r:
+    out = {}
+    for basis, step_key, rate_key in (("wall", "ms_per_step", "tokens_per_s"),
+                                      ("cpu", "cpu_ms_per_step", "tokens_per_cpu_s")):
+        if step_key not in none:
             continue
-        ch = choose_k_from_counts(r["drafted_per_position"], r["accepted_per_position"], cost, k_max, min_drafted=20)
-        if ch is not None:
-            out[f"policy_from_K{at}"] = {"k": ch.k, "expected_speedup": round(ch.speedup, 3),
-                                         "alphas": [round(a, 3) for a in ch.alphas],
-                                         "measured_positions": ch.measured_positions,
-                                         "expected_speedup_by_k": {k: round(v, 3) for k, v in ch.speedup_by_k.items()}}
+        measured = {0: none[step_key], **{int(k): r[step_key] for k, r in by_k.items()}}
+        cost = StepCost(0.0, 0.0, 0.0, measured=measured)
+        fastest = max(by_k, key=lambda k: by_k[k][rate_key])
+        b = {"fastest_k": int(fastest),
+             "fastest_speedup": round(by_k[fastest][rate_key] / none[rate_key], 3),
+             "speedup_by_k": {k: round(r[rate_key] / none[rate_key], 3) for k, r in by_k.items()},
+             "step_over_plain_by_k": {k: round(r[step_key] / none[step_key], 3) for k, r in by_k.items()}}
+        for at in (str(k_max), "1"):
+            r = by_k.get(at, {})
+            if "drafted_per_position" not in r:
+                continue
+            ch = choose_k_from_counts(r["drafted_per_position"], r["accepted_per_position"], cost, k_max,
+                                      min_drafted=20)
+            if ch is not None:
+                b[f"policy_from_K{at}"] = {
+                    "k": ch.k, "expected_speedup": round(ch.speedup, 3), "alphas": [round(a, 3) for a in ch.alphas],
+                    "measured_positions": ch.measured_positions,
+                    "expected_speedup_by_k": {k: round(v, 3) for k, v in ch.speedup_by_k.items()}}
+        out[basis] = b
     return out
 
 
@@ -145,6 +178,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "draft_model", "eagle3"])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--out", help="also write the JSON here after each method")
     ap.add_argument("--reanalyse", help="a k_sweep JSON: recompute steps and the analysis from its raw counts")
     args = ap.parse_args()
     if args.reanalyse:
@@ -179,6 +213,9 @@ def main() -> None:
         if draft is not None:
             out["config"].setdefault("drafts", {})[method] = draft.name
         out["methods"][method] = asyncio.run(sweep(method, args, target_dir, draft))
+        if args.out:  # what is done so far survives a timeout
+            add_analysis(out, args.k_max)
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     add_analysis(out, args.k_max)
     print(json.dumps(out, indent=1), file=json_out)
 
