@@ -10,7 +10,8 @@ streams (4 at once). The HTTP gateway itself is not in the loop.
 The engine cores run with LKSERVE_STEP_TIMING=1 (lkserve/engine/vllm/timing.py): wall seconds per part of each
 worker step come back through `lkserve_info()["step_timing"]`; capture's own time is its `hook_seconds`. Per step:
 
-    drafting       propose_draft_token_ids: the K draft passes (draft_forward, passes_per_step) and their preparation
+    drafting       propose_draft_token_ids: the K draft passes (draft_forward, draft_passes_per_step; the draft's LM
+                   head, draft_logits) and their preparation and sampling (drafting_other)
     verification   the target's forward + LM head over the scheduled (verified) tokens
     sampling       sampler / draft probabilities + rejection sampler
     capture        lkserve's capture hooks
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -55,11 +57,18 @@ def log(*a) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
+def burn() -> None:
+    """A stand-in for another job on the machine (the training worker, a test run): one core of pure Python."""
+    while True:
+        pass
+
+
 async def snapshot(engine) -> dict:
     info = await engine.info()
     t = info["step_timing"] or {"seconds": {}, "calls": {}, "idle_gaps": 0}
     return {"seconds": dict(t["seconds"]), "calls": dict(t["calls"]), "idle_gaps": t["idle_gaps"],
-            "capture": float((info.get("capture") or {}).get("hook_seconds", 0.0)), "pid": info["pid"]}
+            "capture": float((info.get("capture") or {}).get("hook_seconds", 0.0)), "pid": info["pid"],
+            "torch_threads": t.get("torch_threads")}
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -118,7 +127,8 @@ async def run_load(engine, prompts: list[list[int]], concurrency: int, max_token
     return {**totals, "seconds": time.perf_counter() - t0}
 
 
-async def measure(engine, pids: dict[int, str], core_pid: int, prompts, concurrency, max_tokens, tag) -> dict:
+async def measure(engine, pids: dict[int, str], core_pid: int, prompts, concurrency, max_tokens, tag,
+                  burners: set[int]) -> dict:
     """One load on one engine: its timing delta, wall clock and CPU seconds per process."""
     before, cpu0, busy0 = await snapshot(engine), cpu_by_process(pids), machine_busy_seconds()
     load = await run_load(engine, prompts, concurrency, max_tokens, tag)
@@ -127,7 +137,7 @@ async def measure(engine, pids: dict[int, str], core_pid: int, prompts, concurre
     for p, name in pids.items():
         if p in cpu0 and p in cpu1:
             role = "gateway" if p == os.getpid() else "engine_core" if p == core_pid else \
-                "other_engine_cores_idle" if "EngineCore" in name else name
+                "burner" if p in burners else "other_engine_cores_idle" if "EngineCore" in name else name
             cpu[role] = cpu.get(role, 0.0) + cpu1[p] - cpu0[p]
     # other jobs on this shared machine while the load ran (the whole machine's busy time minus this bench's)
     cpu["other_jobs_on_the_machine"] = max(busy1 - busy0 - sum(cpu.values()), 0.0)
@@ -173,7 +183,9 @@ def summarise(runs: list[dict]) -> dict:
         "detail_ms": {"target_forward": ms(s.get("target_forward", 0.0)),
                       "target_logits": ms(s.get("target_logits", 0.0)),
                       "draft_forward": ms(s.get("draft_forward", 0.0)),
-                      "drafting_other": ms(s.get("drafting", 0.0) - s.get("draft_forward", 0.0)),
+                      "draft_logits": ms(s.get("draft_logits", 0.0)),
+                      "drafting_other": ms(s.get("drafting", 0.0) - s.get("draft_forward", 0.0)
+                                           - s.get("draft_logits", 0.0)),
                       "worker_execute_model": ms(s.get("execute_model", 0.0)),
                       "worker_sample_tokens": ms(s.get("sample_tokens", 0.0))},
         "draft_passes_per_step": round(c.get("draft_forward", 0) / steps, 3),
@@ -191,6 +203,20 @@ def summarise(runs: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def results(config: dict, runs: dict) -> dict:
+    result: dict = {"config": config}
+    for name, by_conc in runs.items():
+        if by_conc[1] and by_conc[4]:
+            result[name] = {"1_stream": summarise(by_conc[1]), "4_streams": summarise(by_conc[4])}
+    for name in runs:
+        for key in ("1_stream", "4_streams"):
+            plain, mine = result.get("no_spec", {}).get(key), result.get(name, {}).get(key)
+            if plain and mine:
+                mine["spec_over_plain_step_ratio"] = round(mine["step_ms"] / plain["step_ms"], 3)
+                mine["tokens_per_s_over_plain"] = round(mine["tokens_per_s"] / plain["tokens_per_s"], 3)
+    return result
+
+
 async def run(args) -> dict:
     from lkserve.capture.embedded_redis import EmbeddedRedis
     from lkserve.capture.sink import redis_sink_spec
@@ -212,9 +238,12 @@ async def run(args) -> dict:
               "prompts": f"held-out MT-bench first turns (chat template) and HumanEval stubs (bench/adaptation.py "
                          f"split, seed 0); per round {args.requests_1} at 1 stream, {args.requests_4} at 4 streams, "
                          "none reused",
-              "rounds": args.rounds, "device": "cpu", "cpu_cores": os.cpu_count(),
+              "rounds": args.rounds, "device": "cpu",
+              "burn_processes": args.burn,
+              "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "unset (auto)"), "cpu_cores": os.cpu_count(),
               "command": " ".join(["bench/step_cost.py", *sys.argv[1:]])}
     engines: dict[str, Engine] = {}
+    burners: list = []
     with EmbeddedRedis(workdir / "redis") as redis_server:
         sink = redis_sink_spec(redis_server.url, RedisSettings(), capture) if args.capture == "on" else None
         try:
@@ -234,8 +263,13 @@ async def run(args) -> dict:
             if per_round * args.rounds > min(len(mt), len(he)):
                 raise SystemExit(f"{args.rounds} rounds need {per_round * args.rounds} held-out prompts per set")
             core = {name: (await engines[name].info())["pid"] for name in engines}
+            config["engine_core_torch_threads"] = {name: (await snapshot(e))["torch_threads"]
+                                                   for name, e in engines.items()}
             for name, e in engines.items():  # warm-up: one-off costs of the first steps
                 await run_load(e, [mt[-1], he[-1]], 2, 8, f"warm-{name}")
+            for _ in range(args.burn):
+                burners.append(multiprocessing.get_context("spawn").Process(target=burn, daemon=True))
+                burners[-1].start()
             runs = {name: {1: [], 4: []} for name in engines}
             for r in range(args.rounds):
                 a = r * per_round
@@ -246,31 +280,25 @@ async def run(args) -> dict:
                     for conc, prompts in ((1, mix[: args.requests_1]), (4, mix[args.requests_1:])):
                         await asyncio.sleep(args.settle_seconds)
                         m = await measure(engines[name], pids, core[name], prompts, conc, args.max_tokens,
-                                          f"r{r}-{name}-c{conc}")
+                                          f"r{r}-{name}-c{conc}", {b.pid for b in burners})
                         runs[name][conc].append(m)
                         steps = m["timing"]["calls"].get("target_forward", 0)
                         log(f"round {r} {name} c={conc}: {m['load']['tokens']} tokens in {m['load']['seconds']:.2f}s, "
                             f"{steps} steps, {1000 * m['load']['seconds'] / max(steps, 1):.1f} ms/step, "
                             f"other jobs {m['cpu']['other_jobs_on_the_machine']:.1f} CPU-s")
+                if not args.no_write:  # a run cut short keeps its finished rounds
+                    config["rounds_done"] = r + 1
+                    Path(args.out).write_text(json.dumps(results(config, runs), indent=1) + "\n")
             core_threads = {name: threads(pid) for name, pid in core.items()}  # who did the work, bound where
         finally:
+            for b in burners:
+                b.terminate()
             for e in engines.values():
                 await e.shutdown()
     config["engine_core_threads"] = {
         name: [t for t in ts if t["cpu_seconds"] > 0.05 or len(t["cores"]) < (os.cpu_count() or 1)]
         for name, ts in core_threads.items()}
-    result: dict = {"config": config}
-    for name in engines:
-        result[name] = {"1_stream": summarise(runs[name][1]), "4_streams": summarise(runs[name][4])}
-    for name in engines:
-        for key in ("1_stream", "4_streams"):
-            plain = result.get("no_spec", {}).get(key)
-            if plain:
-                result[name][key]["spec_over_plain_step_ratio"] = round(
-                    result[name][key]["step_ms"] / plain["step_ms"], 3)
-                result[name][key]["tokens_per_s_over_plain"] = round(
-                    result[name][key]["tokens_per_s"] / plain["tokens_per_s"], 3)
-    return result
+    return results(config, runs)
 
 
 def main() -> None:
@@ -283,8 +311,14 @@ def main() -> None:
     ap.add_argument("--requests-4", type=int, default=4, help="requests per round at 4 streams (even)")
     ap.add_argument("--settle-seconds", type=float, default=1.0, help="pause before each load")
     ap.add_argument("--capture", choices=["on", "off"], default="on", help="serve's default is on")
+    ap.add_argument("--omp-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND for the engine cores (e.g. 1: one "
+                    "thread on core 1); default: unset, vLLM's auto, what serve runs")
+    ap.add_argument("--burn", type=int, default=0, help="processes spinning a core each while measuring (contention)")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.omp_bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.omp_bind
     from lkserve.cli.bench_io import json_stdout
 
     json_out = json_stdout()  # vLLM's child processes log to fd 1
@@ -292,7 +326,7 @@ def main() -> None:
     out = asyncio.run(run(args))
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
     if not args.no_write:
-        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out), file=json_out)
 
 

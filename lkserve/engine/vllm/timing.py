@@ -9,10 +9,11 @@ initialises). Off by default, and then nothing is wrapped: no cost at all. On, i
     sampling         runner._sample                     sampler, or draft probabilities + rejection sampler
     drafting         runner.propose_draft_token_ids     the K draft passes and their input preparation
     draft_forward    runner.drafter.model.forward       each draft model / EAGLE-3 head forward (one per pass)
+    draft_logits     runner.drafter.model.compute_logits  the draft's LM head, once per pass
     execute_model    runner.execute_model               the whole first half of a worker step (outermost wrapper)
     sample_tokens    runner.sample_tokens               the second half (sampling, drafting, bookkeeping)
 
-The inner ones (the first five) are installed BEFORE the capture hooks, the last two AFTER them, so capture's own
+The inner ones (the first six) are installed BEFORE the capture hooks, the last two AFTER them, so capture's own
 work (its `hook_seconds`) lies inside execute_model/sample_tokens but outside every inner part. `between_steps` is
 the engine core's time outside the worker while it serves: from the end of one worker call to the start of the next
 (scheduler, output serialisation to the AsyncLLM process, its busy loop); gaps longer than IDLE_GAP_S are idle time, counted apart.
@@ -73,8 +74,10 @@ class StepTimer:
         return timed
 
     def snapshot(self) -> dict[str, Any]:
+        import torch
+
         return {"seconds": dict(self.seconds), "calls": dict(self.calls), "idle_gaps": self.idle_gaps,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
 
 def install_inner(runner) -> StepTimer | None:
@@ -94,6 +97,8 @@ def install_inner(runner) -> StepTimer | None:
     draft = getattr(getattr(runner, "drafter", None), "model", None)
     if draft is not None and hasattr(draft, "forward"):  # ngram has no model
         draft.forward = timer.wrap("draft_forward", draft.forward)
+        if hasattr(draft, "compute_logits"):
+            draft.compute_logits = timer.wrap("draft_logits", draft.compute_logits)
     return timer
 
 
