@@ -68,16 +68,17 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ losses
-def time_loss(fn, logits, target, position, device) -> float:
-    """Wall seconds of loss + backward w.r.t. the logits: the part of a training step the loss owns."""
+def time_loss(fn, logits, target, position, device) -> tuple[float, float]:
+    """(wall, process CPU) seconds of loss + backward w.r.t. the logits: the part of a training step the loss owns.
+    On a shared CPU the CPU seconds are the steadier ratio (other jobs stretch the wall clock)."""
     logits.grad = None
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(logits, target, position).loss.backward()
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     logits.grad = None
-    return seconds
+    return seconds, cpu
 
 
 def bench_losses(args, device: torch.device) -> dict:
@@ -90,19 +91,23 @@ def bench_losses(args, device: torch.device) -> dict:
     position = torch.arange(n, device=device) % args.draft_len  # [N]
     out = {}
     for form, target in (("dense", dense), ("sparse", sparse)):
-        runs = {name: [] for name in LOSSES}
+        runs = {name: [] for name in LOSSES}  # name -> [(wall, cpu)] per repetition
         for rep in range(args.warmup + args.reps):
             for name, fn in LOSSES.items():
-                s = time_loss(fn, logits, target, position, device)
+                t = time_loss(fn, logits, target, position, device)
                 if rep >= args.warmup:
-                    runs[name].append(s)
-        med = {name: statistics.median(r) for name, r in runs.items()}
+                    runs[name].append(t)
+        med = {name: statistics.median(w for w, _ in r) for name, r in runs.items()}
         out[form] = {
             "ms": {name: round(1000 * s, 2) for name, s in med.items()},
             "over_kl": {name: round(s / med["kl"], 3) for name, s in med.items() if name != "kl"},
             "positions_per_s": {name: round(n / s) for name, s in med.items()},
-            "runs_ms": {name: [round(1000 * s, 1) for s in r] for name, r in runs.items()},
+            "runs_ms": {name: [round(1000 * w, 1) for w, _ in r] for name, r in runs.items()},
         }
+        if device.type == "cpu":
+            cpu = {name: statistics.median(c for _, c in r) for name, r in runs.items()}
+            out[form]["over_kl_cpu_seconds"] = {name: round(c / cpu["kl"], 3) for name, c in cpu.items()
+                                                if name != "kl"}
         log(f"losses {form}: {out[form]['ms']} over KL {out[form]['over_kl']}")
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -179,7 +184,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--k", type=int, default=32, help="sparse target: top-k")
     ap.add_argument("--draft-len", type=int, default=4, help="K: draft positions (TTT steps)")
-    ap.add_argument("--reps", type=int, default=None, help="default: 3 on cuda, 2 on cpu")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--head-reps", type=int, default=2)
     ap.add_argument("--head-warmup", type=int, default=1)
@@ -191,8 +196,6 @@ def main() -> None:
     device = torch.device(args.device)
     if args.positions is None:
         args.positions = 8192 if device.type == "cuda" else 1024
-    if args.reps is None:
-        args.reps = 3 if device.type == "cuda" else 2
     if args.quick:
         args.positions = max(64, args.positions // 4)
     t0 = time.perf_counter()
