@@ -41,9 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ["LKSERVE_STEP_TIMING"] = "1"  # read by every engine core spawned from here
-
 from adaptation import split_prompts
 from layout import cpu_seconds, tree
 
@@ -317,6 +314,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ["LKSERVE_STEP_TIMING"] = "1"  # read by every engine core spawned from here
     if args.omp_bind is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.omp_bind
     from lkserve.cli.bench_io import json_stdout
