@@ -92,6 +92,40 @@ def test_draft_choice_takes_the_higher_best_heldout_tau():
     assert dc.choose({"eagle3": tie, "draft_model": model})["default"] == "draft_model"
 
 
+def _step_run(seconds: dict, calls: dict, capture: float, wall: float, tokens: int) -> dict:
+    return {"timing": {"seconds": seconds, "calls": calls, "capture": capture, "idle_gaps": 0},
+            "load": {"seconds": wall, "tokens": tokens, "drafted": 0, "accepted": 0, "drafts": 0},
+            "cpu": {"engine_core": 0.9 * wall, "gateway": 0.01 * wall}}
+
+
+def test_step_cost_split_adds_up_to_the_wall_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # step_cost imports its siblings (layout, adaptation)
+    sc = _load("step_cost")
+    # 10 steps in 1.0 s of wall clock: per step 20 ms draft passes + 10 ms drafting prep, 50 ms target, 5 ms
+    # sampling, 2 ms capture; worker halves 95 ms; 3 ms in the engine core between worker calls
+    seconds = {"drafting": 0.3, "draft_forward": 0.2, "target_forward": 0.45, "target_logits": 0.05,
+               "sampling": 0.05, "execute_model": 0.55, "sample_tokens": 0.4, "between_steps": 0.03}
+    calls = {"target_forward": 10, "execute_model": 11, "drafting": 10, "draft_forward": 40}
+    half = lambda d: {k: v / 2 for k, v in d.items()}  # two rounds of half each
+    runs = [_step_run(half(seconds), {k: v // 2 if k != "execute_model" else (5, 6)[i] for k, v in calls.items()},
+                      0.01, 0.5, 10) for i in range(2)]
+    s = sc.summarise(runs)
+    assert s["steps"] == 10 and s["empty_worker_steps"] == 1
+    assert s["step_ms"] == pytest.approx(100.0)
+    assert (s["drafting_ms"], s["verification_ms"], s["sampling_ms"], s["capture_ms"]) == pytest.approx((30, 50, 5, 2))
+    assert s["scheduler_ipc_overhead_ms"] == pytest.approx(100 - 30 - 50 - 5 - 2)
+    split = s["overhead_split_ms"]
+    assert split["runner_other"] == pytest.approx(95 - 87)  # inside the worker, outside every part
+    assert split["engine_core_between_steps"] == pytest.approx(3)
+    assert sum(split.values()) == pytest.approx(s["scheduler_ipc_overhead_ms"])
+    assert s["draft_passes_per_step"] == 4 and s["detail_ms"]["drafting_other"] == pytest.approx(10)
+    plain = _step_run({"target_forward": 0.4, "execute_model": 0.45, "sample_tokens": 0.01}, {"target_forward": 10,
+                      "execute_model": 10}, 0.0, 0.5, 10)
+    out = sc.results({}, {"no_spec": {1: [plain], 4: [plain]}, "draft_model": {1: runs, 4: runs}})
+    assert out["draft_model"]["1_stream"]["spec_over_plain_step_ratio"] == pytest.approx(2.0)
+    assert out["no_spec"]["4_streams"]["spec_over_plain_step_ratio"] == 1.0
+
+
 def test_k_sweep_steps_and_policy_check():
     ks = _load("k_sweep")
     # engine steps = tokens - accepted (ngram's SpecStats.steps misses the steps that drafted nothing)

@@ -15,6 +15,8 @@ this package. What it uses:
   `SchedulerOutput.finished_req_ids`; `SamplerOutput.sampled_token_ids` (-1 = rejected slot).
 - reload.py: `.get_draft_model()`, `.speculative_config.draft_model_config`, layerwise reload
   (`vllm.model_executor.model_loader.reload`) for draft weight swaps.
+- timing.py (opt-in, LKSERVE_STEP_TIMING=1): `GPUModelRunner._model_forward`, `.model.compute_logits`, `._sample`,
+  `.propose_draft_token_ids`, `.drafter.model.forward`, `.execute_model`, `.sample_tokens` (timed, for bench/step_cost.py).
 - worker.py: `worker_extension_cls` (mixed into the worker class; methods are called with `collective_rpc`).
 - frontend.py: `AsyncEngineArgs`, `AsyncLLM`, `SamplingParams`, `TokensPrompt`, `RequestOutputKind`,
   per-request spec-decode metrics, `CompletionOutput.logprobs` / `RequestOutput.prompt_logprobs` (`Logprob`:

@@ -13,7 +13,7 @@ from lkserve.capture.accumulator import CaptureState
 from lkserve.capture.record import record_to_wire
 from lkserve.capture.sink import make_capture_sink
 from lkserve.config import CaptureSettings
-from lkserve.engine.vllm import draft_probs, hooks, patches, reload, spec_k
+from lkserve.engine.vllm import draft_probs, hooks, patches, reload, spec_k, timing
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -32,7 +32,9 @@ class LkserveWorkerExtension:
         self._lkserve_lock = threading.RLock()
         self._lkserve_capture: CaptureState | None = None
         self._lkserve_swapper = reload.make_swapper(self, version="base")
+        timing.install_inner(self.model_runner)  # LKSERVE_STEP_TIMING=1 only; the parts, inside the capture hooks
         hooks.install_runner_hooks(self)
+        timing.install_outer(self.model_runner)  # the two step halves, outside them
         if spec_k.k_max(self.model_runner):
             spec_k.install_k_limit(self.model_runner)
         self._lkserve_ready = True
@@ -128,5 +130,6 @@ class LkserveWorkerExtension:
             "draft": self._lkserve_swapper.info(),
             "capture": cap.info() if cap is not None else None,
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
+            "step_timing": timing.snapshot(self.model_runner),  # None unless LKSERVE_STEP_TIMING=1
             "spec_k": spec_k.k_info(self.model_runner),
         }
