@@ -56,6 +56,19 @@ class EngineSettings(BaseModel):
         "in_process", description="where vLLM's worker runs: inside the engine-core process or a process of its own")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans; > 1 needs layout=multiprocess")
     seed: int = 0
+    # K by measurement (lkserve/engine/spec_k.py, docs/engine.md "Choosing K"): the gateway exports the K that
+    # maximises E[tokens | K] / cost(K) from the last `k_window_steps` steps' acceptance per position
+    # (lkserve_spec_recommended_k); adaptive_k applies it, capped at num_speculative_tokens, at each draft swap.
+    adaptive_k: bool = Field(False, description="apply the recommended K (<= num_speculative_tokens) at each "
+                             "draft swap")
+    k_window_steps: int = Field(2000, ge=1, description="recent verification steps the recommended K reads")
+    k_min_drafted: int = Field(50, ge=1, description="drafts a position needs before its acceptance counts")
+    k_decay: float = Field(1.0, ge=0.0, le=1.0, description="alpha beyond the measured positions: the last "
+                           "measured one times this per extra position")
+    step_cost_ms: dict[str, float] | None = Field(
+        None, description="{c0, c_draft, c_verify} per-step ms; None: spec_k.DEFAULT_COST_MS for the method")
+    step_cost_file: Path | None = Field(None, description="a bench/step_cost.py JSON: its 1-stream figures "
+                                        "for the method win over step_cost_ms")
 
     @model_validator(mode="after")
     def _layout_fits_parallelism(self) -> EngineSettings:

@@ -124,3 +124,21 @@ def test_step_cost_split_adds_up_to_the_wall_step(monkeypatch):
     out = sc.results({}, {"no_spec": {1: [plain], 4: [plain]}, "draft_model": {1: runs, 4: runs}})
     assert out["draft_model"]["1_stream"]["spec_over_plain_step_ratio"] == pytest.approx(2.0)
     assert out["no_spec"]["4_streams"]["spec_over_plain_step_ratio"] == 1.0
+
+
+def test_k_sweep_steps_and_policy_check():
+    ks = _load("k_sweep")
+    # engine steps = tokens - accepted (ngram's SpecStats.steps misses the steps that drafted nothing)
+    r = ks.with_steps({"tokens": 64, "seconds": 2.0, "engine_cpu_seconds": 1.6,
+                       "drafted_per_position": [40, 0], "accepted_per_position": [16, 0]})
+    assert (r["steps"], r["ms_per_step"], r["cpu_ms_per_step"]) == (48, pytest.approx(41.667, abs=1e-3), 33.333)
+    merged = ks.merge(ks.merge(None, r), r)
+    assert merged["tokens"] == 128 and merged["steps"] == 96 and merged["round_seconds"] == [2.0, 2.0]
+    none = ks.with_steps({"tokens": 64, "seconds": 2.0, "engine_cpu_seconds": 2.0})
+    by_k = {"1": r, "2": ks.with_steps({"tokens": 64, "seconds": 2.4, "engine_cpu_seconds": 2.4,
+                                        "drafted_per_position": [40, 40], "accepted_per_position": [16, 4]})}
+    a = ks.analyse(by_k, none, 2)["cpu"]
+    assert a["fastest_k"] == 1 and a["speedup_by_k"]["1"] == pytest.approx(1.25)
+    # measured costs: 31.25 ms (no spec), 33.33 (K=1), 40 (K=2, 60 steps); alpha 0.4 then 0.25
+    assert a["policy_from_K2"]["k"] == 1
+    assert a["policy_from_K2"]["expected_speedup"] == pytest.approx(1.4 * 31.25 / 33.333, abs=1e-3)

@@ -69,6 +69,7 @@ def exported_names() -> set[str]:
     serving = importlib.import_module("lkserve.metrics.serving")
     importlib.import_module("lkserve.metrics.worker")
     importlib.import_module("lkserve.capture.metrics")
+    importlib.import_module("lkserve.gateway.spec_k")
 
     stats = serving.ENGINE_STATS
     saved = dict(vars(stats))

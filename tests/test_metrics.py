@@ -113,3 +113,35 @@ def test_serving_version_never_ages_out(restore_current_version):
     assert "serving-now" in names and "other-00" not in names
     current = [s.labels["version"] for fam in serving.DRAFT_VERSION.collect() for s in fam.samples if s.value == 1]
     assert current == ["serving-now"]
+
+
+def test_recommended_k_follows_live_acceptance(live):  # noqa: F811
+    """lkserve_spec_recommended_k / _expected_speedup from real requests: the copy draft (alpha ~1) is worth the
+    configured K at this CPU's default step costs, the random draft (alpha ~0) is not worth speculating."""
+    from lkserve.engine.spec_k import choose_k_from_counts, cost_for
+
+    engine = live.state.engine
+    cost = cost_for(engine.settings)
+    seen = {}
+    for draft in ("target", "random"):
+        # a version name of its own: the window then holds only this test's requests
+        res = live.handle.run(engine.swap_draft(str(live.handle.drafts[draft]), f"{draft}-kmetrics"))
+        assert res.ok, res
+        for i in range(6):
+            r = httpx.post(f"{live.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                           json={"model": engine.model_id, "prompt": f"K policy {i}: the", "max_tokens": 48,
+                                 "temperature": 1.0, "seed": i, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        s = scrape(live.url)
+        version = f"{draft}-kmetrics"
+        k = s[("lkserve_spec_recommended_k", (("version", version),))]
+        speedup = s[("lkserve_spec_expected_speedup", (("version", version),))]
+        _, drafted, accepted = serving.recent_position_counts(version)
+        expect = choose_k_from_counts(drafted, accepted, cost, 4, engine.settings.k_min_drafted)
+        assert (k, speedup) == (expect.k, pytest.approx(expect.speedup))
+        assert s[("lkserve_spec_k", ())] == 4
+        seen[draft] = (k, speedup)
+    live.handle.use_draft("random")
+    print(f"\nrecommended K / expected speedup: {seen}")
+    assert seen["target"][0] == 4 and seen["target"][1] > 2
+    assert seen["random"][0] == 1 and seen["random"][1] < 1

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lkserve.capture.record import record_from_wire
 from lkserve.config import CaptureSettings, EngineSettings
+from lkserve.engine import spec_k
 from lkserve.engine import vllm as va
 from lkserve.engine.types import EngineStopped, SpecStats, TokenLogprob
 from lkserve.engine.vllm import sampling_params
@@ -64,6 +65,8 @@ class SwapResult:
     requested_version: str | None = None
     validate_seconds: float = 0.0
     apply_seconds: float = 0.0
+    spec_k: int | None = None  # K drafted from now on (engine.adaptive_k applies the recommended K at a swap)
+    k_reason: str = ""
 
 
 def _resolve_models(settings: EngineSettings) -> tuple[str, str | None]:
@@ -101,6 +104,8 @@ class Engine:
         self._salt_prefix_cache = settings.method in ("draft_model", "eagle3")
         self._closed = False
         self._stopping: str | None = None  # why requests are refused / were aborted (abort_all)
+        # K drafted per step now: the configured K until set_spec_k lowers it (None: no speculation)
+        self.spec_k: int | None = settings.num_speculative_tokens if settings.method != "none" else None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @classmethod
@@ -259,7 +264,11 @@ class Engine:
                              requested_version=r.get("requested_version"),
                              validate_seconds=r.get("validate_seconds", 0.0), apply_seconds=r.get("apply_seconds", 0.0))
             if res.ok:
+                old_version = self.draft_version
                 self.draft_version, self.draft_sha256 = res.version, res.sha256
+                if self.settings.adaptive_k:
+                    res.k_reason = await self._apply_recommended_k(old_version)
+                res.spec_k = self.spec_k
                 if recompute_running:
                     try:
                         await self._llm.reset_prefix_cache(reset_running_requests=True)
@@ -268,6 +277,42 @@ class Engine:
                 res.seconds = time.perf_counter() - t0
             metrics.observe_swap(res.ok, res.version, res.seconds)
             return res
+
+    def recommended_k(self, version: str | None = None) -> spec_k.KChoice | None:
+        """The K policy's choice from `version`'s (default: the serving one's) recent acceptance per position and
+        the step-cost model (lkserve/engine/spec_k.py); None until it has enough drafts."""
+        cost = spec_k.cost_for(self.settings)
+        version = version or self.draft_version
+        if cost is None or version is None:
+            return None
+        _, drafted, accepted = metrics.recent_position_counts(version)
+        return spec_k.choose_k_from_counts(drafted, accepted, cost, self.settings.num_speculative_tokens,
+                                           self.settings.k_min_drafted, self.settings.k_decay)
+
+    async def set_spec_k(self, k: int | None) -> dict:
+        """Draft at most k (1..num_speculative_tokens) tokens per step from the next step on; None: the configured
+        K. vLLM keeps its buffers sized for the configured K (lkserve/engine/vllm/spec_k.py)."""
+        results = await self._llm.collective_rpc("lkserve_set_spec_k", args=(k,))
+        bad = [r for r in results if not r.get("ok")]
+        if not bad:
+            self.spec_k = results[0]["k"]
+        return bad[0] if bad else results[0]
+
+    async def _apply_recommended_k(self, version: str | None) -> str:
+        """At a swap (adaptive_k): the K the outgoing version's recent traffic recommends, for the incoming one."""
+        choice = self.recommended_k(version)
+        if choice is None:
+            return "K kept: too few recent drafts to recommend one"
+        if choice.k == self.spec_k:
+            return f"K kept at {choice.k} (expected speedup {choice.speedup:.2f})"
+        try:
+            r = await self.set_spec_k(choice.k)
+        except Exception as e:  # noqa: BLE001 - the swap itself succeeded
+            return f"K not applied: {e!r}"
+        if not r.get("ok"):
+            return f"K not applied: {r.get('reason')}"
+        logger.info("lkserve: K -> %d at the swap from %s (expected speedup %.2f)", choice.k, version, choice.speedup)
+        return f"K set to {choice.k} (expected speedup {choice.speedup:.2f})"
 
     async def draft_info(self) -> dict:
         return (await self._rpc("lkserve_draft_info"))

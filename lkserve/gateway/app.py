@@ -25,6 +25,7 @@ from lkserve.gateway.auth import Auth
 from lkserve.gateway.draft_updates import ChainRegistry, DraftManager, HistoryRegistry
 from lkserve.gateway.errors import APIError, UnexpectedErrors, api_error_response, install_exception_handlers
 from lkserve.gateway.protocol import CaptureStatus
+from lkserve.gateway.spec_k import K_POLICY
 
 log = logging.getLogger("lkserve.gateway")
 
@@ -76,6 +77,10 @@ def create_app(engine, settings: Settings | None = None, *, redis_url: str | Non
         max_running = getattr(gw, "max_running_requests", None) or getattr(
             getattr(engine, "settings", None), "max_num_seqs", None) or settings.engine.max_num_seqs
     auth = Auth(list(gw.api_keys), gw.admin_key)
+    # the engine's own settings (Kmax, method) where it has them: the process's one /metrics K policy follows them
+    engine_settings = getattr(engine, "settings", None)
+    K_POLICY.configure(engine_settings if hasattr(engine_settings, "num_speculative_tokens") else settings.engine,
+                       engine)
     state = GatewayState(
         engine=engine,
         settings=settings,

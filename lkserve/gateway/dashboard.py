@@ -13,6 +13,8 @@ Everything is read from the process's Prometheus registry (the `lkserve_*` serie
   `drafted`, `accepted` and `drafts` are summed over versions and never go down, even when the metrics drop the
   series of old versions; the page computes acceptance, tau and tokens/s over windows between snapshots.
   `?since=<t>` returns only the snapshots taken after t (the page polls with it).
+- `spec_k`: the K policy for the serving version (lkserve.gateway.spec_k): recommended K, expected speedup over
+  no speculation, the recent conditional acceptance per position, the K drafted now.
 - `timeline`: draft swaps from the DraftManager's history (the same one GET /admin/draft shows), plus version
   changes the sampler saw that did not go through it (source "observed").
 """
@@ -31,6 +33,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import REGISTRY
+
+from lkserve.gateway.spec_k import K_POLICY
 
 log = logging.getLogger("lkserve.gateway.dashboard")
 
@@ -284,6 +288,7 @@ async def dashboard_data(request: Request) -> JSONResponse:
         "started_at": getattr(gw, "started_at", None),
         "counters": counters,
         "current": summarize(version, counters),
+        "spec_k": K_POLICY.summary(version),
         "tokens_per_s": sampler.tokens_per_s(),
         "tokens_window": TOKENS_WINDOW,
         "draft": {"version": status.get("version"), "subscriber_running": status.get("subscriber_running"),

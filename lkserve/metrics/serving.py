@@ -48,6 +48,13 @@ ITL = Histogram("lkserve_inter_token_latency_seconds",
 E2E = Histogram("lkserve_request_duration_seconds", "Time from request submission to its last token",
                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160))
 
+# Recent per-position counts per version, for the K policy (lkserve.gateway.spec_k): one entry per finished request,
+# (steps that drafted, drafted per position, accepted per position), kept while the newest entries hold at most
+# WINDOW_STEPS steps (set_window). Cumulative counters would let a long first hour outvote what the draft does now.
+WINDOW_STEPS = [2000]
+_windows: dict[str, collections.deque[tuple[int, list[int], list[int]]]] = {}
+_window_steps: dict[str, int] = {}
+
 _lock = threading.Lock()
 _versions: collections.OrderedDict[str, set[str]] = collections.OrderedDict()  # version -> positions seen
 _current: list[str | None] = [None]  # the version serving now: never aged out
@@ -66,6 +73,8 @@ def _touch_version(version: str, positions: range) -> None:
                 continue
             for metric in (DRAFTS, DRAFT_VERSION):
                 _remove(metric, old)
+            _windows.pop(old, None)
+            _window_steps.pop(old, None)
             for p in old_positions:
                 _remove(DRAFT_TOKENS, old, p)
                 _remove(ACCEPTED_TOKENS, old, p)
@@ -85,10 +94,47 @@ def observe_spec(version: str | None, spec) -> None:
     version = version or "unknown"
     k = len(spec.per_position_drafted)
     _touch_version(version, range(k))
-    DRAFTS.labels(version).inc(sum(1 for d in spec.per_step_drafted if d > 0))
+    steps = sum(1 for d in spec.per_step_drafted if d > 0)
+    DRAFTS.labels(version).inc(steps)
     for p in range(k):
         DRAFT_TOKENS.labels(version, str(p)).inc(spec.per_position_drafted[p])
         ACCEPTED_TOKENS.labels(version, str(p)).inc(spec.per_position_accepted[p])
+    _add_to_window(version, steps, list(spec.per_position_drafted), list(spec.per_position_accepted))
+
+
+def _add_to_window(version: str, steps: int, drafted: list[int], accepted: list[int]) -> None:
+    with _lock:
+        if version not in _versions:  # aged out meanwhile
+            return
+        win = _windows.setdefault(version, collections.deque())
+        win.append((steps, drafted, accepted))
+        total = _window_steps.get(version, 0) + steps
+        while len(win) > 1 and total - win[0][0] >= WINDOW_STEPS[0]:
+            total -= win.popleft()[0]
+        _window_steps[version] = total
+
+
+def set_window(steps: int) -> None:
+    """How many recent verification steps `recent_position_counts` covers (at least; whole requests)."""
+    WINDOW_STEPS[0] = max(1, int(steps))
+
+
+def recent_position_counts(version: str) -> tuple[int, list[int], list[int]]:
+    """(steps, drafted per position, accepted per position) over the version's last ~WINDOW_STEPS steps."""
+    with _lock:
+        win = list(_windows.get(version, ()))
+    k = max((len(d) for _, d, _ in win), default=0)
+    drafted, accepted = [0] * k, [0] * k
+    for _, d, a in win:
+        for j in range(len(d)):
+            drafted[j] += d[j]
+            accepted[j] += a[j]
+    return sum(s for s, _, _ in win), drafted, accepted
+
+
+def window_versions() -> list[str]:
+    with _lock:
+        return [v for v in _versions if _windows.get(v)]
 
 
 def observe_request(finish_reason: str | None, prompt_tokens: int, ttft: float | None, e2e: float) -> None:

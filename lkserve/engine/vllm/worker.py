@@ -13,7 +13,7 @@ from lkserve.capture.accumulator import CaptureState
 from lkserve.capture.record import record_to_wire
 from lkserve.capture.sink import make_capture_sink
 from lkserve.config import CaptureSettings
-from lkserve.engine.vllm import draft_probs, hooks, patches, reload, timing
+from lkserve.engine.vllm import draft_probs, hooks, patches, reload, spec_k, timing
 
 logger = logging.getLogger("lkserve.engine")
 
@@ -35,6 +35,8 @@ class LkserveWorkerExtension:
         timing.install_inner(self.model_runner)  # LKSERVE_STEP_TIMING=1 only; the parts, inside the capture hooks
         hooks.install_runner_hooks(self)
         timing.install_outer(self.model_runner)  # the two step halves, outside them
+        if spec_k.k_max(self.model_runner):
+            spec_k.install_k_limit(self.model_runner)
         self._lkserve_ready = True
 
     def _lkserve_lookup(self):
@@ -104,6 +106,14 @@ class LkserveWorkerExtension:
             logger.log(level, "lkserve: draft swap to %s: %s (%.3fs)", version, res["reason"], res["seconds"])
             return res
 
+    def lkserve_set_spec_k(self, k: int | None) -> dict:
+        """Draft at most k tokens per step from the next step on (None: the configured K)."""
+        self._lkserve_init()
+        with self._lkserve_lock:
+            res = spec_k.set_k_limit(self.model_runner, k)
+        logger.info("lkserve: spec K -> %s: %s", res.get("k"), res["reason"])
+        return res
+
     def lkserve_draft_info(self) -> dict:
         self._lkserve_init()
         return self._lkserve_swapper.info()
@@ -121,4 +131,5 @@ class LkserveWorkerExtension:
             "capture": cap.info() if cap is not None else None,
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
             "step_timing": timing.snapshot(self.model_runner),  # None unless LKSERVE_STEP_TIMING=1
+            "spec_k": spec_k.k_info(self.model_runner),
         }

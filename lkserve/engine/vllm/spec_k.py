@@ -1,0 +1,61 @@
+"""Drafting fewer than the configured K on a running engine (vLLM 0.32).
+
+vLLM's runner already drafts a per-step K: `GPUModelRunner.propose_draft_token_ids` reads
+`scheduler_output.num_spec_tokens_to_schedule` and passes it to `drafter.propose(num_speculative_tokens=...)`
+(gpu_model_runner.py:4763, :5007), which sets `self.num_speculative_tokens` from it on every call and runs that many
+draft passes (llm_base_proposer.py:532, :689); buffers stay sized for the configured K (the maximum). The scheduler
+sets it to the configured K unless vLLM's batch-size "Dynamic SD" schedule is on (scheduler.py:1486), schedules
+whatever drafts come back (scheduler.py:869) and counts the drafts a step really verified (scheduler.py:2116); the
+runner follows the width of the last proposal (`prev_num_spec_tokens`, gpu_model_runner.py:4638). So a cap applied
+where the runner reads it lowers K from the next step on, in the worker, in either layout.
+
+What stays at the configured K: the scheduler's token budget and KV lookahead (a few slots over-allocated), and the
+placeholder drafts it pads a request with one prompt token left to prefill (scheduler.py:1372: K x -1, rejected
+by lkserve's placeholder fix). On GPU, uniform-decode CUDA graphs are captured for 1 + K query tokens: a smaller K
+would fall back to another graph mode (not tried; lkserve runs eager on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+
+def install_k_limit(runner) -> None:
+    """Wrap `runner.propose_draft_token_ids` so each step drafts min(scheduled K, runner._lkserve_k_limit)."""
+    if getattr(runner, "_lkserve_k_wrapped", False):
+        return
+    runner._lkserve_k_limit = None
+    orig = runner.propose_draft_token_ids
+
+    def propose_draft_token_ids(scheduler_output, *args, **kwargs):
+        limit = runner._lkserve_k_limit
+        if limit is not None and scheduler_output.num_spec_tokens_to_schedule > limit:
+            # a shallow copy: the scheduler's own SchedulerOutput keeps its fields
+            scheduler_output = copy.copy(scheduler_output)
+            scheduler_output.num_spec_tokens_to_schedule = limit
+        return orig(scheduler_output, *args, **kwargs)
+
+    runner.propose_draft_token_ids = propose_draft_token_ids
+    runner._lkserve_k_wrapped = True
+
+
+def k_max(runner) -> int:
+    spec = getattr(runner, "speculative_config", None)
+    return int(spec.num_speculative_tokens) if spec is not None else 0
+
+
+def set_k_limit(runner, k: int | None) -> dict:
+    """Draft at most k tokens per step from the next step on (None: the configured K). 1 <= k <= configured K."""
+    kmax = k_max(runner)
+    if kmax == 0 or not getattr(runner, "_lkserve_k_wrapped", False):
+        return {"ok": False, "reason": "this engine does not speculate", "k": None, "k_max": kmax}
+    if k is not None and not 1 <= int(k) <= kmax:
+        return {"ok": False, "reason": f"K must be in 1..{kmax}", "k": k_info(runner)["k"], "k_max": kmax}
+    runner._lkserve_k_limit = None if k is None or int(k) == kmax else int(k)
+    return {"ok": True, "reason": "ok", **k_info(runner)}
+
+
+def k_info(runner) -> dict:
+    kmax = k_max(runner)
+    limit = getattr(runner, "_lkserve_k_limit", None)
+    return {"k": limit if limit is not None else (kmax or None), "k_max": kmax}

@@ -1,0 +1,94 @@
+"""Lowering K on a running engine (real vLLM, tiny models): at most K drafts per step, still lossless, and
+engine.adaptive_k applies the K policy's choice at a draft swap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lkserve.engine.engine import sampling_params
+from tests.conftest import K, prompt_ids
+
+pytestmark = pytest.mark.slow
+
+
+def _sp(**kw):
+    kw.setdefault("ignore_eos", True)
+    return sampling_params(**kw)
+
+
+@pytest.fixture
+def restore_k(spec_engine):
+    settings = spec_engine.engine.settings
+    yield
+    spec_engine.engine.settings = settings
+    assert spec_engine.run(spec_engine.engine.set_spec_k(None))["ok"]
+    spec_engine.use_draft("random")
+
+
+def _per_position(results) -> tuple[np.ndarray, np.ndarray]:
+    dr, acc = np.zeros(K, int), np.zeros(K, int)
+    for r in results:
+        dr += np.array(r.spec.per_position_drafted)
+        acc += np.array(r.spec.per_position_accepted)
+    return dr, acc
+
+
+def test_k2_drafts_at_most_two_and_stays_lossless(spec_engine, nospec_engine, restore_k):
+    engine = spec_engine.engine
+    spec_engine.use_draft("target")  # the copy draft: every position accepted, so every position gets drafted
+    res = spec_engine.run(engine.set_spec_k(2))
+    assert res["ok"] and res["k"] == 2 and res["k_max"] == K, res
+    assert engine.spec_k == 2 and spec_engine.run(engine.info())["spec_k"] == {"k": 2, "k_max": K}
+    prompts = prompt_ids(spec_engine, 6)
+    greedy = _sp(temperature=0.0, max_tokens=48)
+    ref = nospec_engine.generate_many([(p, greedy) for p in prompts])
+    got = spec_engine.generate_many([(p, greedy) for p in prompts])
+    for r, g in zip(ref, got):
+        assert g.token_ids == r.token_ids
+        assert max(g.spec.per_step_drafted) <= 2
+    dr, acc = _per_position(got)
+    print(f"\nK=2 greedy: drafted per position {dr.tolist()}, accepted {acc.tolist()}")
+    assert dr[0] > 0 and dr[1] > 0 and (dr[2:] == 0).all()
+    # T=1: the draft probabilities still line up with the drafts (q = p: everything accepted)
+    sampled = spec_engine.generate_many([(p, _sp(temperature=1.0, max_tokens=48, seed=i))
+                                         for i, p in enumerate(prompts)])
+    dr, acc = _per_position(sampled)
+    print(f"K=2 T=1: drafted per position {dr.tolist()}, accepted {acc.tolist()}")
+    assert (dr[2:] == 0).all() and acc[:2].sum() / dr[:2].sum() > 0.97
+    # back to the configured K
+    assert spec_engine.run(engine.set_spec_k(None))["k"] == K
+    dr, _ = _per_position(spec_engine.generate_many([(p, greedy) for p in prompts[:2]]))
+    assert dr[K - 1] > 0
+    # refused: outside 1..K
+    bad = spec_engine.run(engine.set_spec_k(K + 1))
+    assert not bad["ok"] and engine.spec_k == K
+
+
+def test_adaptive_k_follows_the_acceptance_at_each_swap(spec_engine, restore_k):
+    engine = spec_engine.engine
+    prompts = prompt_ids(spec_engine, 6)
+    t1 = [(p, _sp(temperature=1.0, max_tokens=32, seed=i)) for i, p in enumerate(prompts)]
+    # versions of their own: the K policy's window holds only this test's traffic (other tests send top-p requests
+    # to "target", which the drafter ignores, so its acceptance there is lower)
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["random"]), "random-kpolicy"))
+    assert res.ok and res.spec_k == K, res
+    # drafting 3 ms a pass on a 10 ms step: a perfect draft is worth K=4 (5/22 > 2/13), one accepting < 0.3 is not
+    # worth speculating
+    engine.settings = engine.settings.model_copy(update={
+        "adaptive_k": True, "k_min_drafted": 50, "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}})
+    spec_engine.generate_many(t1)  # random draft: acceptance ~0
+    choice = engine.recommended_k("random-kpolicy")
+    assert choice is not None and choice.k == 1 and choice.speedup < 1, choice
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["target"]), "target-kpolicy"))
+    assert res.ok and res.spec_k == 1 and engine.spec_k == 1, res
+    print(f"\nswap random -> target: {res.k_reason}")
+    got = spec_engine.generate_many(t1)  # copy draft, drafting 1 token a step
+    dr, acc = _per_position(got)
+    assert dr[0] > 0 and (dr[1:] == 0).all() and acc[0] / dr[0] > 0.97
+    # position 0 measured at ~1.0, positions 1..3 extrapolated (held): K back to 4
+    choice = engine.recommended_k("target-kpolicy")
+    assert choice.k == K and choice.measured_positions == 1, choice
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["random"]), "random-kpolicy-2"))
+    assert res.ok and res.spec_k == K, res
+    print(f"swap target -> random: {res.k_reason}")
