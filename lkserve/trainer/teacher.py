@@ -36,7 +36,7 @@ def load_target(target_dir, dtype: torch.dtype = torch.float32):
     """The target as a transformers causal LM (the same checkpoint directory vLLM serves), eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(target_dir), torch_dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).eval()
 
 
 @torch.inference_mode()
@@ -165,3 +165,25 @@ def package_texts(tokenizer, max_tokens: int, *, seed: int = 0, max_chars_per_fi
         if total >= max_tokens:
             break
     return out
+
+
+async def self_generations(engine, prompts: list[list[int]], *, samples: int = 1, max_tokens: int = 256,
+                           temperature: float = 1.0, concurrency: int = 32) -> list[list[int]]:
+    """prompt + completion token ids of `samples` completions per prompt, `concurrency` requests in flight: the
+    target's own text, the contexts serving will see. Meant for an engine without speculation (capture off): at
+    many streams a CPU decodes several times faster than one spec-decoding engine captures."""
+    import asyncio
+
+    from lkserve.engine.engine import sampling_params
+
+    slots = asyncio.Semaphore(concurrency)  # a new request as soon as one finishes (no batch tail)
+
+    async def one(ids: list[int]) -> list[int]:
+        sp = sampling_params(temperature=temperature, max_tokens=max_tokens)
+        out = list(ids)
+        async with slots:
+            async for ch in engine.generate(ids, sp, f"self-{uuid.uuid4().hex[:12]}", capture=False):
+                out += ch.token_ids
+        return out
+
+    return list(await asyncio.gather(*(one(p) for p in prompts for _ in range(samples))))
