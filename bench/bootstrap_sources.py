@@ -16,14 +16,15 @@ of positions (`--train-positions`, cycling the data when it has fewer), and the 
 collected, wall and CPU seconds (this process tree: the engine-core child included) to collect them, positions per
 CPU-second, held-out alpha/tau after training, and tau gained per minute of data + training.
 
-Run (starts vLLM engines): flock /tmp/lkserve-engine.lock .venv/bin/python bench/bootstrap_sources.py [--quick]
-Writes bench/results/bootstrap_sources.json.
+Run (starts vLLM engines; takes /tmp/lkserve-engine.lock while they run): .venv/bin/python bench/bootstrap_sources.py [--quick]
+Writes bench/results/bootstrap_sources_<method>.json (`--method draft_model|eagle3`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import resource
@@ -32,9 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.layout import cpu_seconds, tree  # noqa: E402
+from bench.layout import cpu_seconds, tree
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap_sources.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap_sources_{method}.json"
 
 
 def log(*a) -> None:
@@ -62,13 +63,24 @@ def settings_for(args, cache: Path):
     from lkserve.config import EngineSettings, Settings, TrainerSettings
     from lkserve.models.prepare import prepare_default_models
 
-    target, draft = prepare_default_models(cache)
-    engine = EngineSettings(target_model=str(target), draft_model=str(draft), method="draft_model",
+    target, draft = prepare_default_models(cache, method=args.method)
+    engine = EngineSettings(target_model=str(target), draft_model=str(draft), method=args.method,
                             num_speculative_tokens=4, dtype="float32", max_model_len=1024, max_num_seqs=64,
                             enforce_eager=True, seed=args.seed)
     trainer = TrainerSettings(threads=args.threads, batch_positions=args.batch_positions, eval_every_steps=10**9,
                               metrics_port=None)
-    return Settings(cache_dir=cache, engine=engine, trainer=trainer)
+    capture = {"hidden_states": args.method == "eagle3", "hidden_dtype": "bf16"}
+    return Settings(cache_dir=cache, engine=engine, trainer=trainer, capture=capture)
+
+
+def aux_layers(settings):
+    """The target layers an EAGLE-3 head reads (None for a draft model)."""
+    if settings.engine.method != "eagle3":
+        return None
+    from lkserve.models.eagle3 import spec_from_config
+
+    cfg = json.loads((Path(settings.engine.draft_model) / "config.json").read_text())
+    return list(spec_from_config(cfg).aux_layer_ids)
 
 
 async def collect_engine_data(settings, train_p, held_p, args) -> dict:
@@ -109,7 +121,7 @@ def teacher_pass(model, seqs, settings, args):
 
     with Meter() as m:
         recs = teacher.teacher_records(model, seqs, top_k=settings.capture.top_k, num_positions=4,
-                                       window=args.window)
+                                       window=args.window, aux_layer_ids=aux_layers(settings))
     return recs, m
 
 
@@ -127,12 +139,13 @@ def train_source(settings, records, held, args) -> dict:
                         max_positions=args.train_positions, eval_every_steps=10**9, seed=args.seed,
                         progress=lambda *a: None)
     res = ops.evaluate(trainer.model, held).as_dict()
-    return {"heldout_alpha": res["alpha_mean"], "heldout_tau": res["tau"], "alpha_per_position": res.get("alpha"),
+    return {"heldout_alpha": res["alpha_mean"], "heldout_tau": res["tau"], "alpha_per_position": res["alpha_per_position"],
             "train_wall_s": round(m.wall, 1), "train_positions_per_s": round(args.train_positions / m.wall, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=("draft_model", "eagle3"), default="draft_model")
     ap.add_argument("--quick", action="store_true", help="a few prompts, to check the script runs")
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -160,7 +173,9 @@ def main() -> None:
     if args.quick:
         train_p, held_p = train_p[:8], held_p[:4]
     log(f"prompts: {len(train_p)} train, {len(held_p)} held-out")
-    data = asyncio.run(collect_engine_data(settings, train_p, held_p, args))
+    with open("/tmp/lkserve-engine.lock", "w") as lock:  # engines one at a time on this machine (other benches, tests)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = asyncio.run(collect_engine_data(settings, train_p, held_p, args))
     model = teacher.load_target(settings.engine.target_model)
     held, _ = teacher_pass(model, data["held_texts"], settings, args)
     self_recs, self_tf = teacher_pass(model, data["self_texts"], settings, args)
@@ -179,7 +194,7 @@ def main() -> None:
         "self": (self_recs, sg.wall + self_tf.wall, sg.cpu + self_tf.cpu),
         "text": (text_recs, read.wall + text_tf.wall, read.cpu + text_tf.cpu),
     }
-    out = {"config": {"target": str(settings.engine.target_model), "draft": str(settings.engine.draft_model),
+    out = {"config": {"method": args.method, "target": str(settings.engine.target_model), "draft": str(settings.engine.draft_model),
                       "layout": "in_process", "K": 4, "temperature": 1.0, "max_tokens": args.max_tokens,
                       "train_prompts": len(train_p), "heldout_prompts": len(held_p),
                       "heldout_positions": sum(r.num_positions for r in held), "concurrency": args.concurrency,
@@ -188,7 +203,6 @@ def main() -> None:
                       "note": "a shared 2-core machine: compare the sources' ratios, not absolute figures"},
            "self_generation": {"tokens": n_tokens, "wall_s": round(sg.wall, 1), "cpu_s": round(sg.cpu, 1),
                                "teacher_wall_s": round(self_tf.wall, 1)}}
-    base = train_source(settings, [], held, args) if False else None  # noqa: SIM108 (no training: untrained below)
     from lkserve.trainer.drafts import ops_for
 
     ops = ops_for(settings)
@@ -206,11 +220,10 @@ def main() -> None:
         log(json.dumps({name: row}))
     g = out["generated"]["positions_per_cpu_s"]
     out["data_rate_over_generated"] = {k: round(out[k]["positions_per_cpu_s"] / g, 2) for k in ("self", "text")}
-    del base
     text = json.dumps(out, indent=2)
     print(text)
     if not args.no_write and not args.quick:
-        RESULTS.write_text(text + "\n")
+        Path(str(RESULTS).format(method=args.method)).write_text(text + "\n")
 
 
 if __name__ == "__main__":
