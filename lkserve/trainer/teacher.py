@@ -65,6 +65,15 @@ def forward_window(model, ids: torch.Tensor, aux_layer_ids=None):
     return logits, aux
 
 
+def aux_layers_of(head_dir) -> list[int]:
+    """The target layers an EAGLE-3 head reads (its config's eagle_aux_hidden_state_layer_ids)."""
+    import json
+
+    from lkserve.models.eagle3 import spec_from_config
+
+    return list(spec_from_config(json.loads((Path(head_dir) / "config.json").read_text())).aux_layer_ids)
+
+
 def window_record(ids: torch.Tensor, logits: torch.Tensor, aux, *, top_k: int, temperature: float,
                   num_positions: int, model_id: str = "", hidden_dtype: str = "bf16", tags=None) -> VerificationRecord:
     """The record of one window: ids [L], logits [L, V] (row t predicts token t + 1), aux [L, D] or None."""
