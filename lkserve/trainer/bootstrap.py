@@ -490,6 +490,9 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
     train_t, held_t, tok = asyncio.run(go())
     if text_tokens:
         train_t += teacher.package_texts(tok, text_tokens, seed=seed)
+    from lkserve.trainer.train import set_threads
+
+    set_threads(settings.trainer.threads)  # the trainer's share of the CPU (on a shared CPU, 2 threads can be 3x slower)
     model = teacher.load_target(settings.engine.target_model)
     aux = teacher.aux_layers_of(settings.engine.draft_model) if settings.engine.method == "eagle3" else None
     rec = lambda seqs, tags: teacher.teacher_records(
