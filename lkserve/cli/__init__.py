@@ -105,9 +105,11 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
     try:
         res = run_bootstrap(settings, DraftRegistry(url, settings.redis.key_prefix), max_positions=args.positions,
                             max_minutes=args.minutes, seed=args.seed, announce=not args.no_announce,
-                            state_dir=state_dir, fresh=args.fresh,
+                            state_dir=state_dir, fresh=args.fresh, source=args.source,
                             max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
-                            concurrency=args.concurrency)
+                            concurrency=args.concurrency,
+                            **({"samples": args.samples, "text_tokens": args.text_tokens}
+                               if args.source == "teacher" else {}))
     finally:
         if handle is not None:
             handle.stop()
@@ -122,7 +124,7 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
 
 
 BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice",
-           "eagle3_losses", "lk_vs_kl_tiny", "loss_cost", "step_cost")
+           "eagle3_losses", "lk_vs_kl_tiny", "loss_cost", "step_cost", "k_sweep", "bootstrap_sources", "bootstrap")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -198,9 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--prompts", type=int, help="use only this many prompts (default: all 244)")
     boot.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     boot.add_argument("--temperature", type=float, default=1.0)
-    boot.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    boot.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     boot.add_argument("--seed", type=int, default=0)
     boot.add_argument("--no-announce", action="store_true", help="register only; do not make it current")
+    boot.add_argument("--source", choices=("teacher", "served"), default="teacher",
+                      help="teacher: the target's own completions (no speculation, many streams), then a teacher-forced "
+                           "target pass labelling every position (default: more held-out acceptance per CPU-minute, "
+                           "bench/bootstrap_sources.py); served: what a spec-decoding engine's capture records")
+    boot.add_argument("--samples", type=int, default=1, help="teacher: completions per train prompt")
+    boot.add_argument("--text-tokens", type=int, default=0,
+                      help="teacher: add this many tokens of installed packages' text and code to the train data")
     boot.set_defaults(func=cmd_draft_bootstrap)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (prints JSON)")

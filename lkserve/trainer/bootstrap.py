@@ -5,8 +5,11 @@ Same code as the online loop, in three steps:
     prompts  -> MT-bench + HumanEval from the installed data wheels (lkserve.prompts), split by prompt into train and
                 held-out (never trained on). Reserved for evaluation only, never read here: Python's standard-library
                 source and Debian package metadata.
-    records  -> the target's own generations through lkserve's Engine (vLLM, many requests in flight at once) with
-                capture on: the very VerificationRecords serving produces (memory sink, drained per batch).
+    records  -> source "teacher" (default): the target's own completions from an engine without speculation (vLLM,
+                many streams), then one teacher-forced target pass per window (lkserve.trainer.teacher), a label at
+                every position, in the VerificationRecord format; source "served": a spec-decoding engine with
+                capture on, the very records serving produces (memory sink, drained per batch), a label only at
+                verified draft positions. bench/bootstrap_sources.py measures which buys more per CPU-minute.
     train    -> the worker's ops (lkserve.trainer.drafts.ops_for: DraftTrainer / Eagle3Trainer, LK-lambda by default)
                 for a budget in positions and/or minutes; held-out alpha through the same gate evaluation.
     register -> lkserve.trainer.publish.publish into the worker's registry (sha256, config, dtype of the base), so
@@ -35,6 +38,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from lkserve.trainer.examples import split_by_positions
+
+SOURCES = ("teacher", "served")
 
 
 @dataclass
@@ -451,33 +456,89 @@ def records_for(state: BootstrapState | None, capture, meta: dict):
     return train_r, held_r, gen_s
 
 
+def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
+                  max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
+                  concurrency: int = 32, samples: int = 1, text_tokens: int = 0, window: int = 512, seed: int = 0):
+    """(train records, held-out records, seconds), teacher-forced (lkserve.trainer.teacher): the target's own
+    completions of the train / held-out prompts from an engine WITHOUT speculation (`concurrency` streams, capture
+    off: far more tokens per CPU-second than one spec engine capturing), then one target pass per window giving a
+    label at every position (and an EAGLE-3 head's aux hidden states). `text_tokens` adds that many tokens of
+    installed packages' text (teacher.package_texts) to the train side. Labels are the target at T=1."""
+    from lkserve.engine.engine import Engine
+    from lkserve.trainer import teacher
+
+    train_p, held_p = split_prompts(prompt_texts(), heldout_fraction, seed)
+    if max_prompts is not None:
+        n_held = max(1, round(max_prompts * heldout_fraction))
+        train_p, held_p = train_p[: max_prompts - n_held], held_p[:n_held]
+    nospec = settings.engine.model_copy(update={"method": "none", "draft_model": None,
+                                                "max_num_seqs": max(settings.engine.max_num_seqs, concurrency)})
+    off = settings.capture.model_copy(update={"enabled": False})
+    kw = {"max_tokens": max_tokens, "temperature": temperature, "concurrency": concurrency}
+
+    async def go():
+        engine = await Engine.create(nospec, off, None, in_process=True)
+        try:
+            enc = lambda ps: [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in ps]
+            train_t = await teacher.self_generations(engine, enc(train_p), samples=samples, **kw)
+            held_t = await teacher.self_generations(engine, enc(held_p), **kw)
+            return train_t, held_t, engine.tokenizer
+        finally:
+            await engine.shutdown()
+
+    t0 = time.perf_counter()
+    train_t, held_t, tok = asyncio.run(go())
+    if text_tokens:
+        train_t += teacher.package_texts(tok, text_tokens, seed=seed)
+    from lkserve.trainer.train import set_threads
+
+    set_threads(settings.trainer.threads)  # the trainer's share of the CPU (on a shared CPU, 2 threads can be 3x slower)
+    model = teacher.load_target(settings.engine.target_model)
+    aux = teacher.aux_layers_of(settings.engine.draft_model) if settings.engine.method == "eagle3" else None
+    rec = lambda seqs, tags: teacher.teacher_records(
+        model, seqs, top_k=settings.capture.top_k, num_positions=settings.engine.num_speculative_tokens,
+        aux_layer_ids=aux, window=window, hidden_dtype=settings.capture.hidden_dtype, tags=tags)
+    train_r, held_r = rec(train_t, {"split": "train"}), rec(held_t, {"split": "heldout"})
+    return train_r, held_r, time.perf_counter() - t0
+
+
 def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_minutes: float | None = None,
-                  seed: int = 0, announce: bool = True, state_dir=None, fresh: bool = False,
+                  seed: int = 0, announce: bool = True, state_dir=None, fresh: bool = False, source: str = "teacher",
                   **capture_kw) -> BootstrapResult:
-    """The CLI: an in-process engine serving settings.engine (capture on, memory sink) captures, is stopped (the
-    CPU is the trainer's then), and the draft is trained and registered. `capture_kw`: capture_split's.
-    `state_dir` (None: no state): resume from it (records, training state); `fresh` discards it first."""
+    """The CLI. source "teacher": teacher_split (the target's own completions, teacher-forced); "served": an
+    in-process engine serving settings.engine (capture on, memory sink) captures what verification sees
+    (capture_split). Either engine is stopped before training (the CPU is the trainer's then); the draft is trained
+    and registered. `capture_kw`: the split's. `state_dir` (None: no state): resume from it (records, training
+    state); `fresh` discards it first."""
     from lkserve.engine.engine import Engine
 
+    if source not in SOURCES:
+        raise ValueError(f"bootstrap source must be one of {SOURCES}, not {source!r}")
     state = BootstrapState(state_dir) if state_dir is not None else None
     if state is not None and fresh:
         state.discard()
     capture = settings.capture.model_copy(update={
         "enabled": True, "sample_rate": 1.0, "hidden_states": settings.engine.method == "eagle3"})
 
-    async def go():
+    async def served():
         engine = await Engine.create(settings.engine, capture, None, in_process=True)
         try:
             return await capture_split(engine, seed=seed, **capture_kw)
         finally:
             await engine.shutdown()
 
+    def collect():
+        if source == "teacher":
+            return teacher_split(settings.model_copy(update={"capture": capture}), seed=seed, **capture_kw)
+        return asyncio.run(served())
+
     meta = {"prompts": "mtbench+humaneval", "seed": seed, "target": str(settings.engine.target_model),
-            "draft": str(settings.engine.draft_model), **capture_kw}
-    train_r, held_r, gen_s = records_for(state, lambda: asyncio.run(go()), meta)
+            "draft": str(settings.engine.draft_model), "source": source, **capture_kw}
+    train_r, held_r, gen_s = records_for(state, collect, meta)
     return bootstrap_records(settings, registry, train_r, held_r, max_positions=max_positions,
                              max_minutes=max_minutes, seed=seed, announce=announce, generate_seconds=gen_s,
-                             extra_metadata={"prompts": "mtbench+humaneval", **capture_kw}, state_dir=state_dir)
+                             extra_metadata={"prompts": "mtbench+humaneval", "source": source, **capture_kw},
+                             state_dir=state_dir)
 
 
 def draft_vocab_from_records(records: list, vocab_size: int, size: int, always=()):
