@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.layout import cpu_seconds, tree
 
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the JSON
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap_sources_{method}.json"
 
 
