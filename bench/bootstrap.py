@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the JSON
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap.json"
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.layout import cpu_seconds, tree
 
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the JSON
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap_sources_{method}.json"
 
 
@@ -155,7 +157,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--train-positions", type=int, default=60_000)
     ap.add_argument("--batch-positions", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the teacher pass and the trainer (on this "
+                                                         "shared CPU 2 threads ran up to 3x slower than 1)")
+    ap.add_argument("--train-prompts", type=int, help="only the first N train prompts (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/lkserve"))
     ap.add_argument("--no-write", action="store_true")
@@ -172,6 +176,8 @@ def main() -> None:
     train_p, held_p = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, args.seed)
     if args.quick:
         train_p, held_p = train_p[:8], held_p[:4]
+    elif args.train_prompts:
+        train_p = train_p[: args.train_prompts]
     log(f"prompts: {len(train_p)} train, {len(held_p)} held-out")
     with open("/tmp/lkserve-engine.lock", "w") as lock:  # engines one at a time on this machine (other benches, tests)
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -169,3 +169,16 @@ def test_rollback_monitor_rule():
         m2.observe(R("a", [1, 1, 0, 1, 0]))
         m2.observe(R("c", [1, 1, 0, 0, 1]))
     assert not m2.check("c", "a").rollback
+
+
+def test_publish_skips_versions_an_earlier_run_left_on_disk(tiny, redis_url, tmp_path):
+    """A registry that restarts its count (the embedded Redis keeps nothing by default) while the cache dir holds an
+    earlier run's v0001: the next publish is v0002, and v0001's files are untouched."""
+    reg = DraftRegistry(redis_url, "t-forgot")
+    for key in reg.client.scan_iter("t-forgot:*"):
+        reg.client.delete(key)
+    old = tmp_path / "drafts" / "v0001"
+    old.mkdir(parents=True)
+    (old / "marker").write_text("earlier run")
+    meta = publish(reg, load_draft(tiny.random_draft), tiny.random_draft, tmp_path, announce=False)
+    assert meta["version"] == "v0002" and (old / "marker").read_text() == "earlier run"

@@ -83,6 +83,7 @@ def cmd_draft_rollback(args: argparse.Namespace) -> int:
 
 def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
     """Offline phase of the worker: capture the target's own generations, train, register (and announce)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the JSON result (vLLM: stdout)
     from lkserve.capture.embedded_redis import discover_url, resolve_redis_url
     from lkserve.drafts import DraftRegistry
     from lkserve.models.prepare import prepare_default_models

@@ -62,10 +62,20 @@ def clean_partial(cache_dir: str | Path) -> int:
     return n
 
 
+def free_version(registry: DraftRegistry, cache_dir: str | Path) -> str:
+    """The registry's next version whose `<cache>/drafts/<version>` does not exist yet: a registry that forgot its
+    count (the embedded Redis keeps nothing across restarts by default) must not collide with an earlier run's
+    drafts, which stay on disk."""
+    while True:
+        version = registry.next_version()
+        if not (Path(cache_dir) / "drafts" / version).exists():
+            return version
+
+
 def publish(registry: DraftRegistry, model, source_dir: str | Path, cache_dir: str | Path,
             metadata: dict | None = None, version: str | None = None, announce: bool = True, save=None) -> dict:
     """write_checkpoint + register + announce. Returns the registry metadata of the new version."""
-    version = version or registry.next_version()
+    version = version or free_version(registry, cache_dir)
     path, sha = write_checkpoint(model, source_dir, cache_dir, version, metadata, save=save)
     meta = registry.register(version, path, sha, metadata)
     if announce:
