@@ -25,10 +25,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the JSON
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import serve_batch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap.json"
 
@@ -39,31 +41,12 @@ def log(*a) -> None:
 
 async def run_batch(engine, prompts, sp, concurrency: int, k: int) -> dict:
     """All prompts, `concurrency` at a time: tokens/s over the batch, tau, acceptance per draft position."""
-    sem = asyncio.Semaphore(concurrency)
-    tot = {"tokens": 0, "steps": 0, "accepted": 0, "drafted": 0}
-    pos_d, pos_a = [0] * k, [0] * k
-
-    async def one(i, ids):
-        async with sem:
-            async for ch in engine.generate(ids, sp, f"boot-bench-{concurrency}-{sp.temperature}-{i}-{time.time()}",
-                                            capture=False):
-                if ch.finished:
-                    tot["tokens"] += ch.num_output_tokens
-                    if ch.spec is not None:
-                        tot["steps"] += ch.spec.steps
-                        tot["accepted"] += ch.spec.accepted
-                        tot["drafted"] += ch.spec.drafted
-                        for j, (d, a) in enumerate(zip(ch.spec.per_position_drafted, ch.spec.per_position_accepted)):
-                            if j < k:
-                                pos_d[j] += d
-                                pos_a[j] += a
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
-    out = {"tokens_per_s": tot["tokens"] / (time.perf_counter() - t0), "tokens": tot["tokens"]}
-    if tot["steps"]:
-        out["tau"] = 1 + tot["accepted"] / tot["steps"]
-        out["acceptance_per_position"] = [a / d if d else None for a, d in zip(pos_a, pos_d)]
+    tot = await serve_batch(engine, prompts, sp, concurrency, f"boot-bench-{concurrency}-{sp.temperature}")
+    out = {"tokens_per_s": tot["tokens"] / tot["seconds"], "tokens": tot["tokens"]}
+    if tot["drafts"]:
+        out["tau"] = 1 + tot["accepted"] / tot["drafts"]
+        out["acceptance_per_position"] = [a / d if d else None for a, d in zip(tot["pos_accepted"][:k],
+                                                                             tot["pos_drafted"][:k])]
     return out
 
 

@@ -17,28 +17,39 @@ import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+async def serve_batch(engine, prompts, sp, concurrency: int, tag: str, capture: bool = False) -> dict:
+    """All prompts through lkserve's Engine, `concurrency` at a time: output tokens, wall seconds, and the summed
+    speculative stats (drafted, accepted, drafts = verification steps, per-position drafted / accepted)."""
+    sem = asyncio.Semaphore(concurrency)
+    tot = {"tokens": 0, "drafted": 0, "accepted": 0, "drafts": 0, "pos_drafted": [], "pos_accepted": []}
+
+    def add(into: list, values) -> None:
+        into.extend([0] * (len(values) - len(into)))
+        for j, v in enumerate(values):
+            into[j] += v
+
+    async def one(i, ids):
+        async with sem:
+            async for ch in engine.generate(ids, sp, f"{tag}-{i}", capture=capture):
+                if ch.finished:
+                    tot["tokens"] += ch.num_output_tokens
+                    if ch.spec is not None:
+                        tot["drafted"] += ch.spec.drafted
+                        tot["accepted"] += ch.spec.accepted
+                        tot["drafts"] += ch.spec.steps
+                        add(tot["pos_drafted"], ch.spec.per_position_drafted)
+                        add(tot["pos_accepted"], ch.spec.per_position_accepted)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+    return {**tot, "seconds": time.perf_counter() - t0}
 
 
 async def run_batch(engine, prompts, sp, concurrency: int) -> dict:
     """All prompts, `concurrency` at a time; tokens/s over the whole batch."""
-    sem = asyncio.Semaphore(concurrency)
-    totals = {"tokens": 0, "drafted": 0, "accepted": 0, "drafts": 0}
-
-    async def one(i, ids):
-        async with sem:
-            async for ch in engine.generate(ids, sp, f"bench-{concurrency}-{sp.temperature}-{i}", capture=False):
-                if ch.finished:
-                    totals["tokens"] += ch.num_output_tokens
-                    if ch.spec is not None:
-                        totals["drafted"] += ch.spec.drafted
-                        totals["accepted"] += ch.spec.accepted
-                        totals["drafts"] += ch.spec.steps
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
-    seconds = time.perf_counter() - t0
+    totals = await serve_batch(engine, prompts, sp, concurrency, f"bench-{concurrency}-{sp.temperature}")
+    seconds = totals["seconds"]
     out = {"tokens": totals["tokens"], "seconds": round(seconds, 2),
            "tokens_per_s": round(totals["tokens"] / seconds, 1)}
     if totals["drafted"]:
@@ -80,6 +91,8 @@ async def bench_method(method: str, args, target_dir, draft_dir) -> dict:
 
 
 def main() -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=96)

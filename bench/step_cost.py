@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from adaptation import split_prompts
+from engine import serve_batch
 from layout import cpu_seconds, tree
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
@@ -103,25 +104,12 @@ def threads(pid: int) -> list[dict]:
 
 
 async def run_load(engine, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str) -> dict:
+    """T=0 with capture on (serve's default): tokens, drafted, accepted, drafts, seconds."""
     from lkserve.engine.vllm import sampling_params
 
     sp = sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    sem = asyncio.Semaphore(concurrency)
-    totals = {"tokens": 0, "drafted": 0, "accepted": 0, "drafts": 0}
-
-    async def one(i, ids):
-        async with sem:
-            async for ch in engine.generate(ids, sp, f"{tag}-{i}"):
-                if ch.finished:
-                    totals["tokens"] += ch.num_output_tokens
-                    if ch.spec is not None:
-                        totals["drafted"] += ch.spec.drafted
-                        totals["accepted"] += ch.spec.accepted
-                        totals["drafts"] += ch.spec.steps
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
-    return {**totals, "seconds": time.perf_counter() - t0}
+    tot = await serve_batch(engine, prompts, sp, concurrency, tag, capture=True)
+    return {k: tot[k] for k in ("tokens", "drafted", "accepted", "drafts", "seconds")}
 
 
 async def measure(engine, pids: dict[int, str], core_pid: int, prompts, concurrency, max_tokens, tag,

@@ -164,6 +164,16 @@ def split_prompts(prompts: list[tuple[str, str]], heldout_fraction: float, seed:
     return train, held
 
 
+def bootstrap_prompts(heldout_fraction: float, max_prompts: int | None, seed: int):
+    """(train, held-out) prompts of the bootstrap: split_prompts, cut to `max_prompts` in all (the held-out side
+    keeps its fraction)."""
+    train_p, held_p = split_prompts(prompt_texts(), heldout_fraction, seed)
+    if max_prompts is not None:
+        n_held = max(1, round(max_prompts * heldout_fraction))
+        train_p, held_p = train_p[: max_prompts - n_held], held_p[:n_held]
+    return train_p, held_p
+
+
 def encode(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
     """The chat template's user turn when the tokenizer has one (what a served chat request looks like), else the
     raw text; the last `max_prompt_tokens` tokens."""
@@ -426,10 +436,7 @@ async def capture_split(engine, *, heldout_fraction: float = 0.2, max_prompts: i
                         max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
                         concurrency: int = 16, seed: int = 0):
     """(train records, held-out records, seconds) of the bootstrap prompts served by `engine`."""
-    train_p, held_p = split_prompts(prompt_texts(), heldout_fraction, seed)
-    if max_prompts is not None:
-        n_held = max(1, round(max_prompts * heldout_fraction))
-        train_p, held_p = train_p[: max_prompts - n_held], held_p[:n_held]
+    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed)
     enc = lambda ps: [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in ps]
     t0 = time.perf_counter()
     kw = {"max_tokens": max_tokens, "temperature": temperature, "concurrency": concurrency}
@@ -467,10 +474,7 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
     from lkserve.engine.engine import Engine
     from lkserve.trainer import teacher
 
-    train_p, held_p = split_prompts(prompt_texts(), heldout_fraction, seed)
-    if max_prompts is not None:
-        n_held = max(1, round(max_prompts * heldout_fraction))
-        train_p, held_p = train_p[: max_prompts - n_held], held_p[:n_held]
+    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed)
     nospec = settings.engine.model_copy(update={"method": "none", "draft_model": None,
                                                 "max_num_seqs": max(settings.engine.max_num_seqs, concurrency)})
     off = settings.capture.model_copy(update={"enabled": False})
