@@ -30,20 +30,15 @@ def log(*a) -> None:
 
 
 def load_prompts(tok, n: int) -> list[list[int]]:
-    """MT-bench first turns (chat template) and HumanEval stubs, alternating."""
-    from lkserve.prompts import humaneval_prompts, mtbench_prompts
+    """Held-out prompts no bootstrap trains on (lkserve.trainer.bootstrap's split, fraction 0.2, seed 0): MT-bench
+    first turns (chat template) and HumanEval stubs, alternating."""
+    from lkserve.trainer import bootstrap
 
-    mt = [q["turns"][0] for q in mtbench_prompts()]
-    he = [p["prompt"] for p in humaneval_prompts()]
-    out = []
-    for i in range(n):
-        if i % 2 == 0:
-            text = tok.apply_chat_template([{"role": "user", "content": mt[i // 2]}], add_generation_prompt=True,
-                                           tokenize=False)
-        else:
-            text = he[i // 2]
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
+    _, held = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, 0)
+    mt = [t for k, t in held if k.startswith("mtbench/")]
+    he = [t for k, t in held if not k.startswith("mtbench/")]
+    texts = [x for pair in zip(mt, he) for x in pair][:n]
+    return [bootstrap.encode(tok, t, 256) for t in texts]
 
 
 async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
@@ -116,8 +111,7 @@ async def sweep(method: str, args, target_dir, draft_dir) -> dict:
     from lkserve.engine.engine import Engine, sampling_params
 
     settings = EngineSettings(target_model=str(target_dir), draft_model=str(draft_dir) if draft_dir else None,
-                              method=method, num_speculative_tokens=args.k_max, dtype="bfloat16",
-                              max_model_len=2048, max_num_seqs=4, seed=0)
+                              method=method, num_speculative_tokens=args.k_max)  # serve's defaults otherwise
     engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
     try:
         prompts = load_prompts(engine.tokenizer, args.prompts)
@@ -178,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=["none", "ngram", "draft_model", "eagle3"])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--draft", action="append", default=[], metavar="KIND=DIR",
+                    help="sweep this draft directory for KIND (e.g. a bootstrapped version) instead of the untrained one")
     ap.add_argument("--out", help="also write the JSON here after each method")
     ap.add_argument("--reanalyse", help="a k_sweep JSON: recompute steps and the analysis from its raw counts")
     args = ap.parse_args()
@@ -192,26 +188,32 @@ def main() -> None:
 
     json_out = json_stdout()  # vLLM's child processes log to fd 1
 
-    from lkserve.config import default_cache_dir
+    from lkserve.config import EngineSettings, default_cache_dir
     from lkserve.models.prepare import prepare_default_models
 
     cache = default_cache_dir()
     target_dir, draft_dir = prepare_default_models(cache)
+    defaults = EngineSettings()
+    given = dict(d.split("=", 1) for d in args.draft)
     out = {"config": {"target": target_dir.name, "k_max": args.k_max, "prompts": args.prompts,
-                      "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "dtype": "bfloat16",
-                      "layout": "in_process", "enforce_eager": True, "capture": False, "rounds": args.rounds,
+                      "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "dtype": defaults.dtype,
+                      "layout": defaults.layout, "enforce_eager": defaults.enforce_eager, "capture": False,
+                      "rounds": args.rounds,
                       "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "unset (auto)"),
-                      "prompt_set": "MT-bench first turns (chat) and HumanEval stubs, alternating",
+                      "prompt_set": "held-out split of lkserve.trainer.bootstrap (never bootstrapped on): MT-bench "
+                                    "first turns (chat) and HumanEval stubs, alternating",
                       "k_applied": "at run time, Engine.set_spec_k (one engine per method, started at k_max)"},
            "methods": {}}
     for method in args.methods:
         draft = None
-        if method == "draft_model":
+        if method in given:
+            draft = Path(os.path.expanduser(given[method]))
+        elif method == "draft_model":
             draft = draft_dir
         elif method == "eagle3":
             draft = prepare_default_models(cache, method="eagle3")[1]
         if draft is not None:
-            out["config"].setdefault("drafts", {})[method] = draft.name
+            out["config"].setdefault("drafts", {})[method] = str(draft)
         out["methods"][method] = asyncio.run(sweep(method, args, target_dir, draft))
         if args.out:  # what is done so far survives a timeout
             add_analysis(out, args.k_max)
