@@ -63,11 +63,26 @@ async def measure(name: str, settings, prompts, args) -> dict:
                              sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True), 1, args.k)
     finally:
         await engine.shutdown()
-    row = {"tau_t1": t1.get("tau"), "tau_t0": t0.get("tau"),
+    row = {"start_seconds": round(engine.start_seconds, 1), "tau_t1": t1.get("tau"), "tau_t0": t0.get("tau"),
            "acceptance_per_position_t1": t1.get("acceptance_per_position"),
            "tok_s_1stream_t0": t0["tokens_per_s"], "tok_s_4streams_t1": t1["tokens_per_s"]}
     log(name, json.dumps(row))
     return row
+
+
+def heldout_prompts(target: str, n: int) -> list[list[int]]:
+    """The first `n` held-out prompts of the bootstrap split (fraction 0.2, seed 0), MT-bench and HumanEval
+    alternating, as token ids."""
+    from transformers import AutoTokenizer
+
+    from lkserve.trainer import bootstrap
+
+    tok = AutoTokenizer.from_pretrained(target)
+    _, held = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, 0)
+    mt = [t for k, t in held if k.startswith("mtbench/")]
+    he = [t for k, t in held if not k.startswith("mtbench/")]
+    texts = [x for pair in zip(mt, he) for x in pair][:n]
+    return [bootstrap.encode(tok, t, 256) for t in texts]
 
 
 def median_rows(turns: list[dict]) -> dict:
@@ -102,7 +117,6 @@ def main() -> None:
 
     from lkserve.config import EngineSettings
     from lkserve.models.prepare import prepare_default_models
-    from lkserve.trainer import bootstrap
 
     boot = dict(b.split("=", 1) for b in args.bootstrapped)
     kinds = sorted(set(boot) | ({"draft_model"} if not args.no_untrained else set()))
@@ -120,14 +134,7 @@ def main() -> None:
     engines = {"no_spec": EngineSettings(method="none", **common), "ngram": EngineSettings(method="ngram", **common)}
     engines.update({name: EngineSettings(method=kind, draft_model=d, **common) for name, (kind, d) in rows.items()})
 
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(target))
-    _, held = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, 0)
-    mt = [t for k, t in held if k.startswith("mtbench/")]
-    he = [t for k, t in held if not k.startswith("mtbench/")]
-    texts = [x for pair in zip(mt, he) for x in pair][: args.prompts]
-    prompts = [bootstrap.encode(tok, t, 256) for t in texts]
+    prompts = heldout_prompts(str(target), args.prompts)
 
     turns: dict[str, list] = {n: [] for n in engines}
     for r in range(args.rounds):

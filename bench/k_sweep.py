@@ -24,21 +24,12 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bootstrap import heldout_prompts  # the bootstrap split's held-out prompts, never bootstrapped on
+
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
-
-
-def load_prompts(tok, n: int) -> list[list[int]]:
-    """Held-out prompts no bootstrap trains on (lkserve.trainer.bootstrap's split, fraction 0.2, seed 0): MT-bench
-    first turns (chat template) and HumanEval stubs, alternating."""
-    from lkserve.trainer import bootstrap
-
-    _, held = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, 0)
-    mt = [t for k, t in held if k.startswith("mtbench/")]
-    he = [t for k, t in held if not k.startswith("mtbench/")]
-    texts = [x for pair in zip(mt, he) for x in pair][:n]
-    return [bootstrap.encode(tok, t, 256) for t in texts]
 
 
 async def run_one_stream(engine, prompts, sp, tag: str, k_max: int) -> dict:
@@ -114,7 +105,7 @@ async def sweep(method: str, args, target_dir, draft_dir) -> dict:
                               method=method, num_speculative_tokens=args.k_max)  # serve's defaults otherwise
     engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
     try:
-        prompts = load_prompts(engine.tokenizer, args.prompts)
+        prompts = heldout_prompts(str(target_dir), args.prompts)
         sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         await run_one_stream(engine, prompts[:1], sampling_params(max_tokens=8, temperature=0.0), "warm", args.k_max)
         ks = [0] if method == "none" else list(range(1, args.k_max + 1))
