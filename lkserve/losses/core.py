@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import ALPHA_EPS, acceptance, dense_kl, target_on_draft_vocab
-from .sparse import SparseTarget, logged_log_q, sparse_alpha, sparse_kl
+from .sparse import SparseTarget, fused_log_q, logged_log_q, sparse_alpha, sparse_kl, sparse_kl_from
 from .weights import lk_lambda, mean_per_position, weighted_position_loss
 
 Target = Tensor | SparseTarget
@@ -34,11 +34,23 @@ class LossOutput(NamedTuple):
     lambda_per_position: Tensor | None  # [K] KL weight of lk_lambda_loss, detached; None for the other losses
 
 
+# The sparse terms go through sparse.fused_log_q (no [N, V] log q; a few passes over the logits instead of ~17).
+# False: the reference path (log_softmax, gather, logsumexp over a scattered copy), kept for tests and benchmarks.
+FUSED_SPARSE = True
+
+
 def per_row_terms(draft_logits: Tensor, target: Target, *, d2t: Tensor | None = None, with_kl: bool = True,
-                  alpha_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+                  alpha_grad: bool = True, fused: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """(alpha [N], KL(p || q) [N] or None) per row: the building blocks of every loss here.
-    Sparse targets give the bounds described in sparse.py. alpha_grad=False: alpha only for logging."""
+    Sparse targets give the bounds described in sparse.py. alpha_grad=False: alpha only for logging.
+    fused (None: FUSED_SPARSE): sparse targets through fused_log_q, equal to the reference within rounding."""
     z = draft_logits.to(torch.promote_types(draft_logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    if isinstance(target, SparseTarget) and (FUSED_SPARSE if fused is None else fused):
+        log_q_ids, draft_ids, log_q_other = fused_log_q(z, target, d2t, with_other=with_kl)
+        alpha = sparse_alpha(log_q_ids if alpha_grad else log_q_ids.detach(), target)
+        kl = sparse_kl_from(log_q_ids, log_q_other, draft_ids, target, renormalise=d2t is not None) if with_kl \
+            else None
+        return alpha, kl
     if isinstance(target, SparseTarget):
         log_q = F.log_softmax(z, dim=-1)  # [N, V_draft]
         log_q_ids, draft_ids = logged_log_q(log_q, target, d2t)  # [N, k], [N, k]

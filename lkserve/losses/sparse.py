@@ -78,3 +78,97 @@ def sparse_kl(log_q: Tensor, log_q_ids: Tensor, draft_ids: Tensor, target: Spars
     kl_logged = torch.where(p > 0, p * (log_prob(p) - log_q_ids), 0.0).sum(-1)
     kl_other = torch.where(r > 0, r * (log_prob(r) - log_q_other), 0.0)
     return kl_logged + kl_other
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused path: the same quantities straight from the logits, without materialising log_softmax
+# ----------------------------------------------------------------------------------------------------------------
+# The reference path above costs ~17 passes over the [N, V] logits (log_softmax, a scattered copy of log q, its
+# logsumexp, and the autograd backward of each). The trainer's rows only need log q at the k logged ids and
+# log q_other, so _LoggedLogQ computes them from z directly:
+#
+#     lse_m       = logsumexp over the unlogged draft tokens of z   (a copy of z with the logged ids at -inf)
+#     lse         = logsumexp(lse_m, z[logged ids])                 (the full logsumexp from k + 1 terms)
+#     log q(id_i) = z[id_i] - lse,   log q_other = lse_m - lse
+#
+# and writes the gradient in one pass: with s = sum_i g_i + g_other (g: the incoming gradients),
+#     dz = pm * (g_other - s * q_other)  +  scatter(g_i - s * q(id_i))
+# where pm = exp(z - lse_m) is the softmax over the unlogged tokens (0 at the logged ones). That is the gradient of
+# the reference's log_softmax + gather + logsumexp written out; pm and q_other are each computed where they are
+# accurate (pm <= 1 directly, never exp(z - lse) * exp(lse - lse_m)). Without the other bucket (LK-alpha, TV) the
+# full softmax takes pm's place. tests/test_losses_fused.py checks values and gradients against the reference.
+
+
+class _LoggedLogQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, cols: Tensor, inside: Tensor, with_other: bool):
+        neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
+        z_ids = z.gather(1, cols)  # [N, k]
+        if with_other:
+            # the unlogged tokens: logged ones pushed to -inf (scatter_add: an out-of-vocabulary id's placeholder
+            # column 0 gets + 0, whatever order the scatter runs in)
+            e = z.scatter_add(1, cols, torch.where(inside, neg_inf, 0.0).to(z.dtype))
+        else:
+            e = z.clone()
+        mx = e.amax(-1, keepdim=True)  # [N, 1]
+        mx = torch.where(torch.isfinite(mx), mx, 0.0)  # every token logged: lse_m = -inf, pm = 0
+        e.sub_(mx).exp_()
+        total = e.sum(-1, keepdim=True)  # [N, 1]
+        lse_e = mx + total.log()  # [N, 1]: lse_m (with_other) or lse
+        e.div_(torch.where(total > 0, total, 1.0))  # pm (with_other) or the full softmax
+        if with_other:
+            terms = torch.cat([lse_e, torch.where(inside, z_ids, neg_inf)], -1)  # [N, 1 + k]
+            lse = torch.logsumexp(terms, -1, keepdim=True)  # [N, 1]
+            log_q_other = (lse_e - lse)[:, 0]  # [N]
+        else:
+            lse = lse_e
+            log_q_other = None
+        log_q_ids = torch.where(inside, z_ids - lse, LOG_ZERO)  # [N, k]
+        ctx.with_other = with_other
+        ctx.save_for_backward(e, cols, inside, log_q_ids, log_q_other if with_other else lse)
+        return (log_q_ids, log_q_other) if with_other else (log_q_ids, lse[:, 0])
+
+    @staticmethod
+    def backward(ctx, g_ids, g_other):
+        e, cols, inside, log_q_ids, saved = ctx.saved_tensors
+        g_ids = torch.zeros_like(log_q_ids) if g_ids is None else torch.where(inside, g_ids, 0.0)
+        s = g_ids.sum(-1)  # [N]
+        q_ids = torch.where(inside, log_q_ids.exp(), 0.0)  # [N, k]
+        if ctx.with_other:
+            g_o = torch.zeros_like(s) if g_other is None else g_other
+            s = s + g_o
+            coef = g_o - s * saved.exp()  # pm's coefficient: g_other - s * q_other
+        else:  # g_other is the gradient of lse (not used by the losses; kept exact anyway)
+            coef = -s if g_other is None else g_other - s
+        dz = e * coef[:, None]
+        if ctx.with_other:
+            dz.scatter_add_(1, cols, torch.where(inside, g_ids - s[:, None] * q_ids, 0.0))
+        else:  # the full softmax already holds the logged ids' q * coef
+            dz.scatter_add_(1, cols, g_ids)
+        return dz, None, None, None
+
+
+def fused_log_q(logits: Tensor, target: SparseTarget, d2t: Tensor | None = None,
+                with_other: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(log q of the logged tokens [N, k] (LOG_ZERO outside the draft vocabulary), their draft ids [N, k] (-1
+    outside), log q_other [N] (before the LOG_Q_MIN clamp; None unless with_other)) straight from the draft
+    logits [N, V_draft]: logged_log_q + sparse_kl's other bucket without the [N, V] log q (see above)."""
+    draft_ids = target.ids.long() if d2t is None else target_to_draft_ids(target.ids, d2t)
+    inside = draft_ids >= 0
+    log_q_ids, other = _LoggedLogQ.apply(logits, draft_ids.clamp_min(0), inside, with_other)
+    return log_q_ids, draft_ids, other if with_other else None
+
+
+def sparse_kl_from(log_q_ids: Tensor, log_q_other: Tensor, draft_ids: Tensor, target: SparseTarget,
+                   renormalise: bool = False) -> Tensor:
+    """sparse_kl from log q at the logged ids and log q_other (fused_log_q): the same KL, term for term."""
+    inside = draft_ids >= 0
+    p = torch.where(inside, target.probs.to(log_q_ids.dtype), 0.0)
+    r = target.residual.to(log_q_ids.dtype).clamp_min(0)
+    if renormalise:
+        mass = (p.sum(-1) + r).clamp_min(torch.finfo(p.dtype).tiny)
+        p, r = p / mass[:, None], r / mass
+    log_q_other = log_q_other.clamp_min(LOG_Q_MIN)
+    kl_logged = torch.where(p > 0, p * (log_prob(p) - log_q_ids), 0.0).sum(-1)
+    kl_other = torch.where(r > 0, r * (log_prob(r) - log_q_other), 0.0)
+    return kl_logged + kl_other

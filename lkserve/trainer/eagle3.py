@@ -23,7 +23,7 @@ from lkserve.losses import SparseTarget
 from lkserve.models.eagle3_head import Eagle3Head
 from lkserve.trainer.examples import RowTemperature, split_by_positions, target_rows
 from lkserve.trainer.gate import EvalResult, summarise
-from lkserve.trainer.train import LOSSES, StepResult, q_from_logits, train_step
+from lkserve.trainer.train import LOSSES, PRECISIONS, StepResult, autocast, q_from_logits, train_step
 
 # ----------------------------------------------------------------------------------------------------------------
 # Batches from records with hidden states
@@ -176,9 +176,13 @@ class Eagle3Trainer:
 
     def __init__(self, head: Eagle3Head, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_steps: int = 4, max_context: int = 2048,
-                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True):
+                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True,
+                 precision: str = "fp32"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+        self.precision = precision
         self.model = head
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
         self.base_lr, self.grad_clip, self.num_steps = lr, grad_clip, num_steps
@@ -195,7 +199,9 @@ class Eagle3Trainer:
         return build_eagle3_batch(records, self.num_steps, self.max_context, self.all_steps)
 
     def loss_on(self, batch: Eagle3Batch):
-        logits = row_logits(self.model, batch, self.num_steps) / batch.logit_temperature()[:, None]
+        with autocast(self.model, self.precision):
+            logits = row_logits(self.model, batch, self.num_steps)
+        logits = batch.scale_logits(logits.float())  # bf16 logits upcast here, before / T (a no-op at fp32)
         kw = {"gamma": self.gamma, "num_positions": self.num_steps, "d2t": self.model.d2t_map}
         if self.loss_name == "lk_lambda":
             kw["eta"] = self.eta

@@ -47,6 +47,14 @@ class RowTemperature:
         """[N] divisor of the draft logits: T, or 1 for greedy rows (vLLM does the same before its argmax)."""
         return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
 
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [N, V] / logit_temperature()[:, None]; the logits themselves when every divisor is 1 (x / 1 == x
+        exactly, so only the [N, V] pass and its backward are saved: T = 1 bootstrap records)."""
+        t = self.logit_temperature()
+        if bool((t == 1).all()):
+            return logits
+        return logits / t[:, None]
+
     @property
     def greedy(self) -> torch.Tensor:
         return self.temperature <= GREEDY_EPS

@@ -30,6 +30,17 @@ LOSSES = {
 }
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(model, precision: str):
+    """The context of a training forward: bf16 autocast of the matmuls (weights stay fp32 masters) or nothing."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def set_threads(n: int) -> None:
     """The worker shares the CPU with the engine: a fixed, small torch thread budget."""
     n = max(1, int(n))
@@ -87,9 +98,13 @@ class DraftTrainer:
     def __init__(self, model_dir: str, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_positions: int = 4, train_params: str = "layers",
                  lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 10_000,
-                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), model=None):
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), model=None,
+                 precision: str = "fp32"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+        self.precision = precision
         self.model_dir = str(model_dir)
         self.model = model if model is not None else load_draft(model_dir)
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
@@ -113,7 +128,9 @@ class DraftTrainer:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def loss_on(self, batch: Batch):
-        logits = row_logits(self.model, batch) / batch.logit_temperature()[:, None]
+        with autocast(self.model, self.precision):
+            logits = row_logits(self.model, batch)
+        logits = batch.scale_logits(logits.float())  # bf16 logits upcast here, before / T (a no-op at fp32)
         fn = LOSSES[self.loss_name]
         kw = {"gamma": self.gamma, "num_positions": self.num_positions}
         if self.loss_name == "lk_lambda":
