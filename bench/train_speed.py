@@ -16,6 +16,8 @@ ALTERNATELY within every round so load from other jobs on the shared CPU hits th
                `git archive` into a temporary directory and imported from there
     new        this tree, fp32 (the default settings): the same math, losses equal within rounding
     new_bf16   this tree with settings.trainer.precision = "bf16" (bf16 autocast of the matmuls)
+    new*_heap_returned  (opt-in, attribution) the same with LKSERVE_KEEP_FREED_MEMORY=0: glibc returns every large
+               block to the kernel again, as before (lkserve.trainer.train.keep_freed_memory)
 
 Each process also reports the loss of its first step on the same first batch, so old and new are checked to compute
 the same thing in the very run that times them. `--profile` adds a torch.profiler summary (top ops by self CPU time,
@@ -45,6 +47,8 @@ RESULTS = ROOT / "bench" / "results" / "train_speed.json"
 BASELINE = "591ec09"  # main when this work started: the trainer before the fused loss / unit-T / bf16 changes
 CACHE = os.environ.get("LKSERVE_CACHE_DIR", "/root/.cache/lkserve")
 VARIANTS = ("old", "new", "new_bf16")
+# attribution: without keep_freed_memory(); old_bf16 only for a --baseline that has settings.trainer.precision
+EXTRA_VARIANTS = ("new_heap_returned", "new_bf16_heap_returned", "old_bf16")
 KINDS = ("eagle3", "draft_model")
 
 
@@ -119,7 +123,7 @@ def worker(spec: dict) -> dict:
              "grad_clip": 1.0, "num_positions": 4, "max_context": 2048, "batch_positions": spec["batch_positions"],
              "warmup_steps": 0}
     if variant != "old":
-        knobs["precision"] = "bf16" if variant == "new_bf16" else "fp32"
+        knobs["precision"] = "bf16" if "_bf16" in variant else "fp32"
     if kind == "eagle3":
         target, start = prepare_default_models(CACHE, method="eagle3")
         ops = drafts.Eagle3Ops(target_dir=str(target), **knobs)
@@ -131,23 +135,33 @@ def worker(spec: dict) -> dict:
     need = spec["steps"] + 1
     groups = (groups * (need // max(1, len(groups)) + 1))[:need]
     out = {"variant": variant, "kind": kind, "threads": spec["threads"], "lkserve": str(Path(lkserve.__file__).parent)}
+    import resource
+
     steps = []
     for i, group in enumerate(groups):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         batch = ops.batch(group)
         t1 = time.perf_counter()
         res = trainer.step(batch)
         t2 = time.perf_counter()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         n = sum(r.num_positions for r in group)
         if i == 0:  # warm-up step (first-touch allocations, oneDNN kernel selection); its loss is the cross-check
             out["first_loss"] = res.loss
             out["first_rows"] = res.rows
             continue
-        steps.append({"positions": n, "rows": res.rows, "batch_s": t1 - t0, "step_s": t2 - t1, "loss": res.loss})
+        steps.append({"positions": n, "rows": res.rows, "batch_s": t1 - t0, "step_s": t2 - t1, "loss": res.loss,
+                      "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
+                      "minor_faults": r1.ru_minflt - r0.ru_minflt})
     pos = sum(s["positions"] for s in steps)
     total = sum(s["batch_s"] + s["step_s"] for s in steps)
     out.update({"positions": pos, "seconds": total, "positions_per_s": pos / total,
                 "batch_seconds": sum(s["batch_s"] for s in steps),
+                # process CPU time per position: steadier than the wall clock on a shared CPU
+                "cpu_positions_per_s": pos / sum(s["user_s"] + s["sys_s"] for s in steps),
+                "sys_seconds": sum(s["sys_s"] for s in steps),
+                "minor_faults_per_step": sum(s["minor_faults"] for s in steps) / len(steps),
                 "step_positions_per_s": [s["positions"] / (s["batch_s"] + s["step_s"]) for s in steps]})
     if spec.get("profile"):
         from torch.profiler import ProfilerActivity, profile
@@ -179,6 +193,8 @@ def baseline_tree(rev: str) -> Path:
 def run_child(spec: dict, tree: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(spec["threads"]),
                VLLM_LOGGING_STREAM="ext://sys.stderr")
+    if spec["variant"].endswith("_heap_returned"):
+        env["LKSERVE_KEEP_FREED_MEMORY"] = "0"
     p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                        text=True, check=False)
     if p.returncode != 0:
@@ -186,9 +202,9 @@ def run_child(spec: dict, tree: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def rate(runs: list, threads: int, kind: str, variant: str, rnd: int) -> float:
+def rate(runs: list, threads: int, kind: str, variant: str, rnd: int, key: str = "positions_per_s") -> float:
     return next(r for r in runs if r["threads"] == threads and r["kind"] == kind and r["variant"] == variant
-                and r["round"] == rnd)["positions_per_s"]
+                and r["round"] == rnd)[key]
 
 
 def main() -> None:
@@ -198,7 +214,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=12, help="records used (teacher windows made, or taken)")
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
@@ -215,7 +231,8 @@ def main() -> None:
     records, rec_info = load_records(args)
     with tempfile.NamedTemporaryFile(prefix="train-speed-records-", suffix=".pkl", delete=False) as tmp:
         pickle.dump(records, tmp)
-    trees = {"old": baseline_tree(args.baseline), "new": ROOT, "new_bf16": ROOT}
+    trees = {v: ROOT for v in VARIANTS + EXTRA_VARIANTS}
+    trees["old"] = trees["old_bf16"] = baseline_tree(args.baseline)
     runs = []
     t_start = time.time()
     try:
@@ -230,7 +247,9 @@ def main() -> None:
                         r["round"] = rnd
                         runs.append(r)
                         log(f"round {rnd} threads {threads} {kind:11s} {variant:8s} "
-                            f"{r['positions_per_s']:7.1f} positions/s (first loss {r['first_loss']:.6f})")
+                            f"{r['positions_per_s']:7.1f} positions/s, per CPU-second {r['cpu_positions_per_s']:7.1f} "
+                            f"(sys {r['sys_seconds']:.2f} s, {r['minor_faults_per_step']:.0f} faults/step; "
+                            f"first loss {r['first_loss']:.6f})")
     finally:
         os.unlink(tmp.name)
 
@@ -242,6 +261,10 @@ def main() -> None:
                 rs = [r for r in runs if r["threads"] == threads and r["kind"] == kind and r["variant"] == variant]
                 cell[variant] = {"positions_per_s_median": round(statistics.median(r["positions_per_s"] for r in rs), 1),
                                  "positions_per_s_runs": [round(r["positions_per_s"], 1) for r in rs],
+                                 "cpu_positions_per_s_median": round(statistics.median(r["cpu_positions_per_s"]
+                                                                                       for r in rs), 1),
+                                 "minor_faults_per_step": round(statistics.median(r["minor_faults_per_step"]
+                                                                                  for r in rs)),
                                  "first_loss": rs[0]["first_loss"]}
             if "old" in cell:
                 for variant in args.variants:
@@ -252,6 +275,9 @@ def main() -> None:
                               for rnd in range(args.rounds)]
                     cell[variant]["over_old_median"] = round(statistics.median(ratios), 2)
                     cell[variant]["over_old_rounds"] = [round(x, 2) for x in ratios]
+                    cpu = [rate(runs, threads, kind, variant, rnd, "cpu_positions_per_s")
+                           / rate(runs, threads, kind, "old", rnd, "cpu_positions_per_s") for rnd in range(args.rounds)]
+                    cell[variant]["cpu_over_old_median"] = round(statistics.median(cpu), 2)
                     cell[variant]["first_loss_rel_diff_vs_old"] = abs(cell[variant]["first_loss"] - cell["old"]["first_loss"]) / abs(cell["old"]["first_loss"])
             summary[f"{kind}_threads{threads}"] = cell
     n_pos = sum(r.num_positions for r in records)

@@ -3,8 +3,10 @@
 - lkserve.losses.sparse.fused_log_q (the sparse terms straight from the logits, its own backward) against the
   reference log_softmax / gather / scattered logsumexp path: values and gradients of every loss, fp64 and fp32, with
   and without a truncated vocabulary, k = V, padded and out-of-vocabulary ids, confident rows;
+- losses.HeadRows (the LM head's inputs instead of the logits) through fused_head_log_q, a block of rows at a time,
+  against the logits path: loss, d hidden and d W (trainable and frozen heads);
 - the trainers' loss on the same batch of real records (tiny target, teacher-forced, T = 1, 0.7 and greedy) with
-  the fused path vs the reference, and the unit-temperature shortcut;
+  the fused path vs the reference, in one block and in many, and the unit-temperature shortcut;
 - settings.trainer.precision = "bf16": the loss within the stated 1e-3 relative of fp32 on the same batch, and the
   gradient within 2e-2 relative (bf16 has 8 mantissa bits; measured ~3e-5 / 2e-3 at the SmolLM2 sizes).
 """
@@ -114,6 +116,45 @@ def test_fused_per_row_terms_can_be_told_apart_from_a_wrong_gradient():
     torch.testing.assert_close(kl.detach(), kl_ref.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-12, 1e-14), (torch.float32, 2e-5, 2e-7)])
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_head_rows_in_blocks_equal_the_logits_path(fn, frozen_head, dtype, rtol, atol):
+    """HeadRows (hidden, head weight, per-row divisor) through fused_head_log_q in several blocks, the last one
+    partial, against logits = hidden @ W.T / T through the reference path: loss, d hidden and d W."""
+    from lkserve.losses import HeadRows
+    from lkserve.losses import sparse as S
+
+    g = torch.Generator().manual_seed(5)
+    n, v, h = 333, 500, 24
+    hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    weight = 0.5 * torch.randn(v, h, generator=g, dtype=dtype)
+    divisor = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.7).to(dtype)
+    t = topk_target(torch.softmax(3 * torch.randn(n, v, generator=g, dtype=torch.float64), -1), 16)
+    target = SparseTarget(t.ids, t.probs.to(dtype), t.residual.to(dtype))
+    pos = torch.arange(n) % 4
+
+    def run(head_rows: bool):
+        hh = hidden.clone().requires_grad_()
+        ww = weight.clone().requires_grad_(not frozen_head)
+        old, old_block = core.FUSED_SPARSE, S.BLOCK_ROWS
+        try:
+            core.FUSED_SPARSE = head_rows
+            S.BLOCK_ROWS = 40  # 9 blocks, the last one of 13 rows
+            out = fn(HeadRows(hh, ww, divisor) if head_rows else (hh @ ww.T) / divisor[:, None], target, pos,
+                     num_positions=4)
+        finally:
+            core.FUSED_SPARSE, S.BLOCK_ROWS = old, old_block
+        grads = torch.autograd.grad(out.loss, [hh] if frozen_head else [hh, ww])
+        return out.loss, grads
+
+    ref_loss, ref_grads = run(False)
+    new_loss, new_grads = run(True)
+    torch.testing.assert_close(new_loss, ref_loss, rtol=rtol, atol=atol)
+    for a, b in zip(new_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 # ---- the trainers, on the same batch of real records ----
 
 def _records(target_dir, aux_layer_ids, temperatures=(1.0,)):
@@ -162,8 +203,14 @@ def _grads(trainer, batch):
     return out.loss.detach().double(), g
 
 
+@pytest.mark.parametrize("block_rows", [None, 10])
 @pytest.mark.parametrize("kind", ["draft_model", "eagle3"])
-def test_trainer_loss_fused_equals_reference_on_real_records(tiny, head_dir, kind):
+def test_trainer_loss_fused_equals_reference_on_real_records(tiny, head_dir, kind, block_rows, monkeypatch):
+    """The trainers hand the losses HeadRows; with FUSED_SPARSE off those become logits on the reference path."""
+    from lkserve.losses import sparse as S
+
+    if block_rows:
+        monkeypatch.setattr(S, "BLOCK_ROWS", block_rows)  # many blocks instead of one
     torch.set_num_threads(1)
     records = _records(tiny.target, [0, 1, 2], temperatures=(1.0, 0.7, 0.0))
     trainer = _trainers(tiny, head_dir)[kind]

@@ -23,7 +23,16 @@ from lkserve.losses import SparseTarget
 from lkserve.models.eagle3_head import Eagle3Head
 from lkserve.trainer.examples import RowTemperature, split_by_positions, target_rows
 from lkserve.trainer.gate import EvalResult, summarise
-from lkserve.trainer.train import LOSSES, PRECISIONS, StepResult, autocast, q_from_logits, train_step
+from lkserve.trainer.train import (
+    LOSSES,
+    PRECISIONS,
+    StepResult,
+    autocast,
+    head_rows,
+    keep_freed_memory,
+    q_from_logits,
+    train_step,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Batches from records with hidden states
@@ -112,11 +121,16 @@ def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_co
                        num_records=len(toks), dropped_positions=dropped)
 
 
-def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
-    """Draft-vocabulary logits [N, V_draft] of the batch rows (not divided by temperature)."""
+def row_hidden(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
+    """The LM head's input [N, H] (normed) of the batch rows."""
     outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
     stacked = torch.stack(outs, 0)  # [K, B, L, H]
-    return head.logits(stacked[batch.step, batch.row_b, batch.row_j])
+    return head.norm(stacked[batch.step, batch.row_b, batch.row_j])
+
+
+def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
+    """Draft-vocabulary logits [N, V_draft] of the batch rows (not divided by temperature): head.logits."""
+    return head.lm_head(row_hidden(head, batch, num_steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +197,7 @@ class Eagle3Trainer:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
         self.precision = precision
+        keep_freed_memory()
         self.model = head
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
         self.base_lr, self.grad_clip, self.num_steps = lr, grad_clip, num_steps
@@ -200,8 +215,8 @@ class Eagle3Trainer:
 
     def loss_on(self, batch: Eagle3Batch):
         with autocast(self.model, self.precision):
-            logits = row_logits(self.model, batch, self.num_steps)
-        logits = batch.scale_logits(logits.float())  # bf16 logits upcast here, before / T (a no-op at fp32)
+            hidden = row_hidden(self.model, batch, self.num_steps)
+        logits = head_rows(self.model.lm_head, hidden, batch, self.precision)
         kw = {"gamma": self.gamma, "num_positions": self.num_steps, "d2t": self.model.d2t_map}
         if self.loss_name == "lk_lambda":
             kw["eta"] = self.eta

@@ -47,13 +47,16 @@ class RowTemperature:
         """[N] divisor of the draft logits: T, or 1 for greedy rows (vLLM does the same before its argmax)."""
         return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
 
-    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [N, V] / logit_temperature()[:, None]; the logits themselves when every divisor is 1 (x / 1 == x
-        exactly, so only the [N, V] pass and its backward are saved: T = 1 bootstrap records)."""
+    def divisor(self) -> torch.Tensor | None:
+        """logit_temperature(), or None when every divisor is 1 (x / 1 == x exactly: T = 1 bootstrap records then
+        skip an [N, V] pass and its backward)."""
         t = self.logit_temperature()
-        if bool((t == 1).all()):
-            return logits
-        return logits / t[:, None]
+        return None if bool((t == 1).all()) else t
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [N, V] / logit_temperature()[:, None] (the logits themselves when every divisor is 1)."""
+        t = self.divisor()
+        return logits if t is None else logits / t[:, None]
 
     @property
     def greedy(self) -> torch.Tensor:
