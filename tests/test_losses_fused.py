@@ -157,7 +157,7 @@ def test_head_rows_in_blocks_equal_the_logits_path(fn, frozen_head, dtype, rtol,
 
 # ---- the trainers, on the same batch of real records ----
 
-def _records(target_dir, aux_layer_ids, temperatures=(1.0,)):
+def _records(target_dir, aux_layer_ids, temperatures=(1.0,), lengths=(96,)):
     from lkserve.trainer import teacher
 
     rng = np.random.default_rng(0)
@@ -165,9 +165,10 @@ def _records(target_dir, aux_layer_ids, temperatures=(1.0,)):
     V = model.config.vocab_size
     out = []
     for i, t in enumerate(temperatures):
-        seqs = [rng.integers(3, V, 96).tolist()]  # random token ids: no text corpus involved
-        out += teacher.teacher_records(model, seqs, top_k=16, temperature=t, num_positions=4,
-                                       aux_layer_ids=aux_layer_ids, window=96, tags={"i": str(i)})
+        for n in lengths:
+            seqs = [rng.integers(3, V, n).tolist()]  # random token ids: no text corpus involved
+            out += teacher.teacher_records(model, seqs, top_k=16, temperature=t, num_positions=4,
+                                           aux_layer_ids=aux_layer_ids, window=n, tags={"i": str(i)})
     return out
 
 
@@ -282,3 +283,29 @@ def test_precision_is_checked():
         autocast(torch.nn.Linear(2, 2), "fp8")
     with pytest.raises(ValueError):
         TrainerSettings(precision="fp16")
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "eagle3"])
+def test_records_run_one_by_one_give_the_batched_rows(tiny, head_dir, kind, monkeypatch):
+    """Records of very different lengths (a padded batch) run one by one, each cut to what its rows need: the same
+    head inputs as the padded batch, and the trainer's loss on the batch unchanged."""
+    from lkserve.trainer import eagle3, examples, train
+
+    torch.set_num_threads(1)
+    records = _records(tiny.target, [0, 1, 2], lengths=(96, 20, 57))
+    trainer = _trainers(tiny, head_dir)[kind]
+    batch = _batch(kind, trainer, records)
+    hidden = (lambda: eagle3.row_hidden(trainer.model, batch, 4)) if kind == "eagle3" else \
+        (lambda: train.row_hidden(trainer.model, batch))
+    results = {}
+    for waste, name in ((1.0, "batched"), (0.0, "per_record")):
+        monkeypatch.setattr(examples, "PACK_WASTE", waste)
+        with torch.no_grad():
+            results[name] = hidden()
+        results[name + "_loss"] = _grads(trainer, batch)
+    need = examples.needed_lengths(batch.row_b, batch.row_j if kind == "eagle3" else batch.row_t, batch.num_records)
+    padded = batch.aux.shape[1] if kind == "eagle3" else batch.input_ids.shape[1]
+    assert examples.per_record(need, padded)  # at PACK_WASTE 0 this batch does take the per-record path
+    torch.testing.assert_close(results["per_record"], results["batched"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["per_record_loss"][0], results["batched_loss"][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results["per_record_loss"][1], results["batched_loss"][1], rtol=1e-4, atol=1e-6)

@@ -21,7 +21,13 @@ from lkserve import losses
 from lkserve.capture.record import VerificationRecord, hidden_states_array
 from lkserve.losses import SparseTarget
 from lkserve.models.eagle3_head import Eagle3Head
-from lkserve.trainer.examples import RowTemperature, split_by_positions, target_rows
+from lkserve.trainer.examples import (
+    RowTemperature,
+    needed_lengths,
+    per_record,
+    split_by_positions,
+    target_rows,
+)
 from lkserve.trainer.gate import EvalResult, summarise
 from lkserve.trainer.train import (
     LOSSES,
@@ -122,10 +128,23 @@ def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_co
 
 
 def row_hidden(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
-    """The LM head's input [N, H] (normed) of the batch rows."""
-    outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
-    stacked = torch.stack(outs, 0)  # [K, B, L, H]
-    return head.norm(stacked[batch.step, batch.row_b, batch.row_j])
+    """The LM head's input [N, H] (normed) of the batch rows. Records of very different lengths run one by one,
+    each cut to the positions its rows need (examples.per_record): no TTT step over padding."""
+    B, L = batch.aux.shape[0], batch.aux.shape[1]
+    need = needed_lengths(batch.row_b, batch.row_j, B)
+    if not per_record(need, L):
+        outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
+        stacked = torch.stack(outs, 0)  # [K, B, L, H]
+        return head.norm(stacked[batch.step, batch.row_b, batch.row_j])
+    flat = []
+    for b in range(B):
+        n = int(need[b])
+        if n:
+            outs = head.unroll(batch.tokens[b: b + 1, : n + num_steps], batch.aux[b: b + 1, :n],
+                               batch.pos0[b: b + 1], num_steps)
+            flat.append(torch.stack(outs, 0)[:, 0])  # [K, n, H]
+    offsets = torch.cumsum(need, 0) - need
+    return head.norm(torch.cat(flat, 1)[batch.step, offsets[batch.row_b] + batch.row_j])
 
 
 def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:

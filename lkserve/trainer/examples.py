@@ -158,3 +158,20 @@ def split_by_positions(records: list, budget: int, key=lambda r: r) -> list[list
     if cur:
         groups.append(cur)
     return groups
+
+
+# A batch pads every record to the longest; the rows of a record only ever need its positions up to its last row
+# (attention is causal: later positions and padding never change an earlier one). When the padding would be more than
+# PACK_WASTE of the work, the trainers run each record on its own, cut to what its rows need, and gather the rows from
+# the concatenation: the same hidden states (up to matmul rounding), without computing the padding.
+PACK_WASTE = 0.1
+
+
+def needed_lengths(row_b: torch.Tensor, row_t: torch.Tensor, num_records: int) -> torch.Tensor:
+    """[B] long: 1 + the last row position of each record (0 for a record without rows)."""
+    return torch.zeros(num_records, dtype=torch.long).scatter_reduce(0, row_b, row_t + 1, "amax")
+
+
+def per_record(lengths: torch.Tensor, padded_length: int) -> bool:
+    """True when running the records one by one saves more than PACK_WASTE of the padded work."""
+    return len(lengths) > 1 and int(lengths.sum()) < (1 - PACK_WASTE) * len(lengths) * padded_length

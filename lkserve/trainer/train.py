@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lkserve import losses
-from lkserve.trainer.examples import Batch
+from lkserve.trainer.examples import Batch, needed_lengths, per_record
 
 LOSSES = {
     "lk_lambda": losses.lk_lambda_loss,
@@ -102,9 +102,21 @@ def select_trainable(model, train_params: str = "layers") -> list[str]:
 
 
 def row_hidden(model, batch: Batch) -> torch.Tensor:
-    """The LM head's input [N, H] at the batch's target rows."""
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.last_hidden_state[batch.row_b, batch.row_t]  # [N, H]
+    """The LM head's input [N, H] at the batch's target rows. Records of very different lengths run one by one, each
+    cut to the tokens its rows need (examples.per_record; right padding, causal attention: the same states)."""
+    B, L = batch.input_ids.shape
+    need = needed_lengths(batch.row_b, batch.row_t, B)
+    if not per_record(need, L):
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.last_hidden_state[batch.row_b, batch.row_t]  # [N, H]
+    flat = []
+    for b in range(B):
+        n = int(need[b])
+        if n:
+            mask = batch.attention_mask[b: b + 1, :n]
+            flat.append(model.model(input_ids=batch.input_ids[b: b + 1, :n], attention_mask=mask).last_hidden_state[0])
+    offsets = torch.cumsum(need, 0) - need
+    return torch.cat(flat, 0)[offsets[batch.row_b] + batch.row_t]
 
 
 def row_logits(model, batch: Batch) -> torch.Tensor:
