@@ -14,7 +14,8 @@ ALTERNATELY within every round so load from other jobs on the shared CPU hits th
 
     old        the trainer code at --baseline (default: the commit this branch started from), extracted with
                `git archive` into a temporary directory and imported from there
-    new        this tree, fp32 (the default settings): the same math, losses equal within rounding
+    new        this tree (its lkserve/ copied at the start of the run), fp32 (the default settings): the same math,
+               losses equal within rounding
     new_bf16   this tree with settings.trainer.precision = "bf16" (bf16 autocast of the matmuls)
     new*_heap_returned  (opt-in, attribution) the same with LKSERVE_KEEP_FREED_MEMORY=0: glibc returns every large
                block to the kernel again, as before (lkserve.trainer.train.keep_freed_memory)
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 import statistics
 import subprocess
 import sys
@@ -231,7 +233,11 @@ def main() -> None:
     records, rec_info = load_records(args)
     with tempfile.NamedTemporaryFile(prefix="train-speed-records-", suffix=".pkl", delete=False) as tmp:
         pickle.dump(records, tmp)
-    trees = {v: ROOT for v in VARIANTS + EXTRA_VARIANTS}
+    # this tree's lkserve is copied once: every "new" process of the run imports the same code, whatever is edited
+    # in the working tree meanwhile
+    snapshot = Path(tempfile.mkdtemp(prefix="lkserve-new-"))
+    shutil.copytree(ROOT / "lkserve", snapshot / "lkserve", ignore=shutil.ignore_patterns("__pycache__"))
+    trees = {v: snapshot for v in VARIANTS + EXTRA_VARIANTS}
     trees["old"] = trees["old_bf16"] = baseline_tree(args.baseline)
     runs = []
     t_start = time.time()
@@ -252,6 +258,7 @@ def main() -> None:
                             f"first loss {r['first_loss']:.6f})")
     finally:
         os.unlink(tmp.name)
+        shutil.rmtree(snapshot, ignore_errors=True)
 
     summary: dict = {}
     for threads in args.threads:
