@@ -164,6 +164,9 @@ def split_by_positions(records: list, budget: int, key=lambda r: r) -> list[list
 # (attention is causal: later positions and padding never change an earlier one). When the padding would be more than
 # PACK_WASTE of the work, the trainers run each record on its own, cut to what its rows need, and gather the rows from
 # the concatenation: the same hidden states (up to matmul rounding), without computing the padding.
+# Only on one torch thread (the trainer's default): B times as many small ops each pay an intra-op fork/join, and on
+# the shared 2-core machine with 2 threads that cost more than the padding saved (bench/train_speed.py, 2026-12-03:
+# EAGLE-3 head 112 -> 32 positions/s at 2 threads, while 1 thread went 294 -> 346).
 PACK_WASTE = 0.1
 
 
@@ -173,5 +176,6 @@ def needed_lengths(row_b: torch.Tensor, row_t: torch.Tensor, num_records: int) -
 
 
 def per_record(lengths: torch.Tensor, padded_length: int) -> bool:
-    """True when running the records one by one saves more than PACK_WASTE of the padded work."""
-    return len(lengths) > 1 and int(lengths.sum()) < (1 - PACK_WASTE) * len(lengths) * padded_length
+    """True when running the records one by one saves more than PACK_WASTE of the padded work (one thread only)."""
+    return len(lengths) > 1 and torch.get_num_threads() == 1 and \
+        int(lengths.sum()) < (1 - PACK_WASTE) * len(lengths) * padded_length
