@@ -152,7 +152,7 @@ class TrainerSettings(BaseModel):
     threads: int = 1
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="matmuls of the training forward/backward: fp32, or bf16 autocast (fp32 master weights, "
-        "optimizer and losses; 2-2.5x the positions/s on a CPU with AVX512-BF16, loss within ~3e-4 relative: "
+        "optimizer and losses; 1.5-1.6x the fp32 positions/s on this AVX512-BF16 CPU, loss within ~3e-4 relative: "
         "bench/train_speed.py). Held-out evaluation is always fp32")
     train_params: Literal["layers", "layers+head", "all"] = Field(
         "layers", description="what of a draft model trains (an EAGLE-3 head trains all of its own weights)")
