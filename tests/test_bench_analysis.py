@@ -60,7 +60,8 @@ def test_adaptation_traffic_is_balanced_and_summary_compares_to_kl():
     assert table["initial"]["speedup_vs_none"] == 0.5
 
 
-@pytest.mark.parametrize("name", ["adaptation", "domain_shift", "serving", "draft_choice"])
+@pytest.mark.parametrize("name", ["adaptation", "domain_shift", "serving", "draft_choice", "train_speed",
+                                  "bootstrap_losses"])
 def test_bench_scripts_have_a_cli(name):
     proc = subprocess.run([sys.executable, "-m", "lkserve.cli", "bench", name, "--help"], capture_output=True,
                           text=True, timeout=120, check=False)
@@ -142,3 +143,20 @@ def test_k_sweep_steps_and_policy_check():
     # measured costs: 31.25 ms (no spec), 33.33 (K=1), 40 (K=2, 60 steps); alpha 0.4 then 0.25
     assert a["policy_from_K2"]["k"] == 1
     assert a["policy_from_K2"]["expected_speedup"] == pytest.approx(1.4 * 31.25 / 33.333, abs=1e-3)
+
+
+def test_bootstrap_losses_summary_pairs_seeds():
+    bl = _load("bootstrap_losses")
+    run = lambda loss, seed, tau, alpha: {"loss": loss, "seed": seed, "train_seconds": 10.0,
+                                          "after": {"tau": tau, "alpha_mean": alpha,
+                                                    "alpha_per_position": [alpha, alpha / 2]}}
+    runs = [run("lk_lambda", 0, 1.30, 0.20), run("kl", 0, 1.25, 0.18), run("lk_lambda", 1, 1.28, 0.19),
+            run("kl", 1, 1.27, 0.185), run("lk_lambda", 2, 1.40, 0.25)]  # seed 2 has no KL run: not paired
+    s = bl.summarise(runs, ["lk_lambda", "kl"])
+    assert s["lk_lambda"]["heldout_tau"]["n"] == 3 and s["kl"]["heldout_tau"]["n"] == 2
+    assert s["lk_lambda"]["heldout_tau"]["mean"] == pytest.approx((1.30 + 1.28 + 1.40) / 3)
+    d = s["lk_lambda_minus_kl"]
+    assert d["paired_by_seed"] == [0, 1]
+    assert d["tau"]["values"] == pytest.approx([0.05, 0.01])
+    assert d["tau"]["mean"] == pytest.approx(0.03) and d["tau"]["std"] == pytest.approx(0.0283, abs=1e-4)
+    assert s["kl"]["alpha_per_position_mean"] == pytest.approx([0.1825, 0.09125])

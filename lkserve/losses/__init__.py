@@ -9,11 +9,12 @@ See docs/losses.md for the definitions, the sparse bounds and the truncated-voca
 
 from .core import LossOutput, kl_loss, lk_alpha_loss, lk_lambda_loss, per_row_terms, tv_loss
 from .dense import acceptance
-from .sparse import SparseTarget, topk_target
+from .sparse import HeadRows, SparseTarget, topk_target
 from .vocab import d2t_from_offsets, d2t_to_offsets, target_to_draft_ids
 from .weights import lk_lambda, mean_per_position, position_weights
 
 __all__ = [
+    "HeadRows",
     "LossOutput",
     "SparseTarget",
     "acceptance",

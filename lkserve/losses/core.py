@@ -3,7 +3,9 @@
 Every loss takes the draft's LOGITS and the target's PROBABILITIES for N rows (batch x sequence x draft
 position, flattened):
 
-    draft_logits    [N, V_draft]  any float dtype; bf16/fp16 are upcast to fp32 (fp64 stays fp64)
+    draft_logits    [N, V_draft]  any float dtype; bf16/fp16 are upcast to fp32 (fp64 stays fp64); or a
+                    HeadRows(hidden [N, H], head weight [V_draft, H], divisor [N]): the logits hidden @ W.T / divisor,
+                    never materialised for sparse targets (the trainers pass this: see sparse.py)
     target          dense probabilities [N, V_target], or a SparseTarget (top-k ids/probs + residual)
     draft_position  [N] long, 0..K-1: index of the row's draft token within the draft block
     mask            [N] bool or None; False rows (padding) are dropped, so they may hold anything, even NaN
@@ -22,7 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import ALPHA_EPS, acceptance, dense_kl, target_on_draft_vocab
-from .sparse import SparseTarget, logged_log_q, sparse_alpha, sparse_kl
+from .sparse import (
+    HeadRows,
+    SparseTarget,
+    fused_head_log_q,
+    fused_log_q,
+    logged_log_q,
+    sparse_alpha,
+    sparse_kl,
+    sparse_kl_from,
+)
 from .weights import lk_lambda, mean_per_position, weighted_position_loss
 
 Target = Tensor | SparseTarget
@@ -34,11 +45,34 @@ class LossOutput(NamedTuple):
     lambda_per_position: Tensor | None  # [K] KL weight of lk_lambda_loss, detached; None for the other losses
 
 
+# The sparse terms go through sparse.fused_log_q (no [N, V] log q; a few passes over the logits instead of ~17).
+# False: the reference path (log_softmax, gather, logsumexp over a scattered copy), kept for tests and benchmarks.
+FUSED_SPARSE = True
+
+
 def per_row_terms(draft_logits: Tensor, target: Target, *, d2t: Tensor | None = None, with_kl: bool = True,
-                  alpha_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+                  alpha_grad: bool = True, fused: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """(alpha [N], KL(p || q) [N] or None) per row: the building blocks of every loss here.
-    Sparse targets give the bounds described in sparse.py. alpha_grad=False: alpha only for logging."""
+    Sparse targets give the bounds described in sparse.py. alpha_grad=False: alpha only for logging.
+    fused (None: FUSED_SPARSE): sparse targets through fused_log_q, equal to the reference within rounding.
+    draft_logits may be a HeadRows (the LM head's inputs): sparse targets then go through fused_head_log_q, a block
+    of rows at a time; otherwise its logits are computed first."""
+    fused = FUSED_SPARSE if fused is None else fused
+    if isinstance(draft_logits, HeadRows):
+        if isinstance(target, SparseTarget) and fused:
+            log_q_ids, draft_ids, log_q_other = fused_head_log_q(draft_logits, target, d2t, with_other=with_kl)
+            alpha = sparse_alpha(log_q_ids if alpha_grad else log_q_ids.detach(), target)
+            kl = sparse_kl_from(log_q_ids, log_q_other, draft_ids, target, renormalise=d2t is not None) \
+                if with_kl else None
+            return alpha, kl
+        draft_logits = draft_logits.logits()
     z = draft_logits.to(torch.promote_types(draft_logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    if isinstance(target, SparseTarget) and fused:
+        log_q_ids, draft_ids, log_q_other = fused_log_q(z, target, d2t, with_other=with_kl)
+        alpha = sparse_alpha(log_q_ids if alpha_grad else log_q_ids.detach(), target)
+        kl = sparse_kl_from(log_q_ids, log_q_other, draft_ids, target, renormalise=d2t is not None) if with_kl \
+            else None
+        return alpha, kl
     if isinstance(target, SparseTarget):
         log_q = F.log_softmax(z, dim=-1)  # [N, V_draft]
         log_q_ids, draft_ids = logged_log_q(log_q, target, d2t)  # [N, k], [N, k]
@@ -54,7 +88,8 @@ def per_row_terms(draft_logits: Tensor, target: Target, *, d2t: Tensor | None = 
 def _loss(kind: str, draft_logits: Tensor, target: Target, draft_position: Tensor, mask: Tensor | None,
           d2t: Tensor | None, gamma: float, eta: float, num_positions: int | None) -> LossOutput:
     if mask is not None:  # drop padded rows up front: cheaper than masking, and immune to garbage in them
-        draft_logits, draft_position = draft_logits[mask], draft_position[mask]
+        draft_logits = draft_logits.select(mask) if isinstance(draft_logits, HeadRows) else draft_logits[mask]
+        draft_position = draft_position[mask]
         target = SparseTarget(*(t[mask] for t in target)) if isinstance(target, SparseTarget) else target[mask]
     position = draft_position.long()  # [N]
     if num_positions is None:  # pass it explicitly for diagnostics of a fixed size [K]

@@ -420,6 +420,7 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
         "heldout_alpha_before": before["alpha_mean"], "heldout_alpha_after": after["alpha_mean"],
         "heldout_tau_before": before["tau"], "heldout_tau_after": after["tau"], "heldout_rows": after["rows"],
         "parent": settings.trainer.base_version, "train_params": settings.trainer.train_params,
+        "precision": settings.trainer.precision,
         "resumed_from_step": resumed_step, **({"draft_vocab": vocab} if vocab is not None else {}),
         **(extra_metadata or {}),
     })

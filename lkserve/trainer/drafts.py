@@ -33,6 +33,7 @@ class TrainingKnobs:
     max_context: int
     batch_positions: int
     warmup_steps: int
+    precision: str = "fp32"
 
 
 @dataclass(kw_only=True)
@@ -49,7 +50,7 @@ class DraftModelOps(TrainingKnobs):
         return DraftTrainer(start_dir, loss=self.loss, eta=self.eta, gamma=self.gamma, lr=self.lr,
                             grad_clip=self.grad_clip, num_positions=self.num_positions,
                             train_params=self.train_params, lr_schedule=self.lr_schedule,
-                            warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+                            warmup_steps=self.warmup_steps, total_steps=self.total_steps, precision=self.precision)
 
     def batch(self, records):
         from lkserve.trainer.examples import build_batch
@@ -90,7 +91,7 @@ class Eagle3Ops(TrainingKnobs):
 
         return Eagle3Trainer(self.load(start_dir), loss=self.loss, eta=self.eta, gamma=self.gamma, lr=self.lr,
                              grad_clip=self.grad_clip, num_steps=self.num_positions, max_context=self.max_context,
-                             warmup_steps=self.warmup_steps)
+                             warmup_steps=self.warmup_steps, precision=self.precision)
 
     def batch(self, records):
         from lkserve.trainer.eagle3 import build_eagle3_batch
@@ -130,7 +131,7 @@ def ops_for(settings):
     t, engine = settings.trainer, settings.engine
     common = {"loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(engine.method), "grad_clip": t.grad_clip,
               "num_positions": engine.num_speculative_tokens, "max_context": engine.max_model_len,
-              "batch_positions": t.batch_positions, "warmup_steps": t.warmup_steps}
+              "batch_positions": t.batch_positions, "warmup_steps": t.warmup_steps, "precision": t.precision}
     if engine.method == "draft_model":
         return DraftModelOps(train_params=t.train_params, lr_schedule=t.lr_schedule, total_steps=t.total_steps,
                              **common)

@@ -21,9 +21,24 @@ from lkserve import losses
 from lkserve.capture.record import VerificationRecord, hidden_states_array
 from lkserve.losses import SparseTarget
 from lkserve.models.eagle3_head import Eagle3Head
-from lkserve.trainer.examples import RowTemperature, split_by_positions, target_rows
+from lkserve.trainer.examples import (
+    RowTemperature,
+    needed_lengths,
+    per_record,
+    split_by_positions,
+    target_rows,
+)
 from lkserve.trainer.gate import EvalResult, summarise
-from lkserve.trainer.train import LOSSES, StepResult, q_from_logits, train_step
+from lkserve.trainer.train import (
+    LOSSES,
+    PRECISIONS,
+    StepResult,
+    autocast,
+    head_rows,
+    keep_freed_memory,
+    q_from_logits,
+    train_step,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Batches from records with hidden states
@@ -112,11 +127,29 @@ def build_eagle3_batch(records: list[VerificationRecord], num_steps: int, max_co
                        num_records=len(toks), dropped_positions=dropped)
 
 
+def row_hidden(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
+    """The LM head's input [N, H] (normed) of the batch rows. Records of very different lengths run one by one,
+    each cut to the positions its rows need (examples.per_record): no TTT step over padding."""
+    B, L = batch.aux.shape[0], batch.aux.shape[1]
+    need = needed_lengths(batch.row_b, batch.row_j, B)
+    if not per_record(need, L):
+        outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
+        stacked = torch.stack(outs, 0)  # [K, B, L, H]
+        return head.norm(stacked[batch.step, batch.row_b, batch.row_j])
+    flat = []
+    for b in range(B):
+        n = int(need[b])
+        if n:
+            outs = head.unroll(batch.tokens[b: b + 1, : n + num_steps], batch.aux[b: b + 1, :n],
+                               batch.pos0[b: b + 1], num_steps)
+            flat.append(torch.stack(outs, 0)[:, 0])  # [K, n, H]
+    offsets = torch.cumsum(need, 0) - need
+    return head.norm(torch.cat(flat, 1)[batch.step, offsets[batch.row_b] + batch.row_j])
+
+
 def row_logits(head: Eagle3Head, batch: Eagle3Batch, num_steps: int) -> torch.Tensor:
-    """Draft-vocabulary logits [N, V_draft] of the batch rows (not divided by temperature)."""
-    outs = head.unroll(batch.tokens, batch.aux, batch.pos0, num_steps)
-    stacked = torch.stack(outs, 0)  # [K, B, L, H]
-    return head.logits(stacked[batch.step, batch.row_b, batch.row_j])
+    """Draft-vocabulary logits [N, V_draft] of the batch rows (not divided by temperature): head.logits."""
+    return head.lm_head(row_hidden(head, batch, num_steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,9 +209,14 @@ class Eagle3Trainer:
 
     def __init__(self, head: Eagle3Head, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_steps: int = 4, max_context: int = 2048,
-                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True):
+                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True,
+                 precision: str = "fp32"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+        self.precision = precision
+        keep_freed_memory()
         self.model = head
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
         self.base_lr, self.grad_clip, self.num_steps = lr, grad_clip, num_steps
@@ -195,7 +233,9 @@ class Eagle3Trainer:
         return build_eagle3_batch(records, self.num_steps, self.max_context, self.all_steps)
 
     def loss_on(self, batch: Eagle3Batch):
-        logits = row_logits(self.model, batch, self.num_steps) / batch.logit_temperature()[:, None]
+        with autocast(self.model, self.precision):
+            hidden = row_hidden(self.model, batch, self.num_steps)
+        logits = head_rows(self.model.lm_head, hidden, batch, self.precision)
         kw = {"gamma": self.gamma, "num_positions": self.num_steps, "d2t": self.model.d2t_map}
         if self.loss_name == "lk_lambda":
             kw["eta"] = self.eta

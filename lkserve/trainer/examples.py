@@ -47,6 +47,17 @@ class RowTemperature:
         """[N] divisor of the draft logits: T, or 1 for greedy rows (vLLM does the same before its argmax)."""
         return torch.where(self.temperature > GREEDY_EPS, self.temperature, torch.ones_like(self.temperature))
 
+    def divisor(self) -> torch.Tensor | None:
+        """logit_temperature(), or None when every divisor is 1 (x / 1 == x exactly: T = 1 bootstrap records then
+        skip an [N, V] pass and its backward)."""
+        t = self.logit_temperature()
+        return None if bool((t == 1).all()) else t
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [N, V] / logit_temperature()[:, None] (the logits themselves when every divisor is 1)."""
+        t = self.divisor()
+        return logits if t is None else logits / t[:, None]
+
     @property
     def greedy(self) -> torch.Tensor:
         return self.temperature <= GREEDY_EPS
@@ -147,3 +158,24 @@ def split_by_positions(records: list, budget: int, key=lambda r: r) -> list[list
     if cur:
         groups.append(cur)
     return groups
+
+
+# A batch pads every record to the longest; the rows of a record only ever need its positions up to its last row
+# (attention is causal: later positions and padding never change an earlier one). When the padding would be more than
+# PACK_WASTE of the work, the trainers run each record on its own, cut to what its rows need, and gather the rows from
+# the concatenation: the same hidden states (up to matmul rounding), without computing the padding.
+# Only on one torch thread (the trainer's default): B times as many small ops each pay an intra-op fork/join, and on
+# the shared 2-core machine with 2 threads that cost more than the padding saved (bench/train_speed.py, 2026-12-03:
+# EAGLE-3 head 112 -> 32 positions/s at 2 threads, while 1 thread went 294 -> 346).
+PACK_WASTE = 0.1
+
+
+def needed_lengths(row_b: torch.Tensor, row_t: torch.Tensor, num_records: int) -> torch.Tensor:
+    """[B] long: 1 + the last row position of each record (0 for a record without rows)."""
+    return torch.zeros(num_records, dtype=torch.long).scatter_reduce(0, row_b, row_t + 1, "amax")
+
+
+def per_record(lengths: torch.Tensor, padded_length: int) -> bool:
+    """True when running the records one by one saves more than PACK_WASTE of the padded work (one thread only)."""
+    return len(lengths) > 1 and torch.get_num_threads() == 1 and \
+        int(lengths.sum()) < (1 - PACK_WASTE) * len(lengths) * padded_length

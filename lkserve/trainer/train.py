@@ -13,6 +13,7 @@ Trainable parameters (`train_params`):
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lkserve import losses
-from lkserve.trainer.examples import Batch
+from lkserve.trainer.examples import Batch, needed_lengths, per_record
 
 LOSSES = {
     "lk_lambda": losses.lk_lambda_loss,
@@ -28,6 +29,41 @@ LOSSES = {
     "kl": losses.kl_loss,
     "tv": losses.tv_loss,
 }
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(model, precision: str):
+    """The context of a training forward: bf16 autocast of the matmuls (weights stay fp32 masters) or nothing."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+_HEAP_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in the process heap instead of returning it to the kernel (glibc mallopt: no mmap for large
+    blocks, no trimming). A training step allocates several [rows, vocabulary] tensors (133 MB each for an EAGLE-3
+    batch of 4k rows x 8k ids); glibc serves every block above 32 MB with a fresh mmap, so each one page-faults its
+    way in again (~50-90 ms per block on this CPU, measured in bench/train_speed.py). Kept, the heap is reused and
+    the process stays at its peak footprint. Once per process; LKSERVE_KEEP_FREED_MEMORY=0 turns it off; a no-op
+    where there is no glibc. Returns whether it is on."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT or os.environ.get("LKSERVE_KEEP_FREED_MEMORY", "1") == "0":
+        return _HEAP_KEPT
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        _HEAP_KEPT = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        _HEAP_KEPT = False
+    return _HEAP_KEPT
 
 
 def set_threads(n: int) -> None:
@@ -65,11 +101,39 @@ def select_trainable(model, train_params: str = "layers") -> list[str]:
     return names
 
 
+def row_hidden(model, batch: Batch) -> torch.Tensor:
+    """The LM head's input [N, H] at the batch's target rows. Records of very different lengths run one by one, each
+    cut to the tokens its rows need (examples.per_record; right padding, causal attention: the same states)."""
+    B, L = batch.input_ids.shape
+    need = needed_lengths(batch.row_b, batch.row_t, B)
+    if not per_record(need, L):
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.last_hidden_state[batch.row_b, batch.row_t]  # [N, H]
+    flat = []
+    for b in range(B):
+        n = int(need[b])
+        if n:
+            mask = batch.attention_mask[b: b + 1, :n]
+            flat.append(model.model(input_ids=batch.input_ids[b: b + 1, :n], attention_mask=mask).last_hidden_state[0])
+    offsets = torch.cumsum(need, 0) - need
+    return torch.cat(flat, 0)[offsets[batch.row_b] + batch.row_t]
+
+
 def row_logits(model, batch: Batch) -> torch.Tensor:
     """Draft logits [N, V] of the batch's target rows (not divided by temperature)."""
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    hidden = out.last_hidden_state[batch.row_b, batch.row_t]  # [N, H]
-    return model.lm_head(hidden)
+    return model.lm_head(row_hidden(model, batch))
+
+
+def head_rows(lm_head, hidden: torch.Tensor, batch, precision: str):
+    """What a trainer hands the losses: the head's inputs (losses.HeadRows: for sparse targets the logits are never
+    materialised, a block of rows at a time) when the head is a plain bias-free linear layer, else the logits. Both
+    divided by the rows' temperatures (skipped when all are 1)."""
+    if isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None:
+        return losses.HeadRows(hidden, lm_head.weight, batch.divisor(),
+                               torch.bfloat16 if precision == "bf16" else None)
+    with autocast(lm_head, precision):
+        logits = lm_head(hidden)
+    return batch.scale_logits(logits.float())
 
 
 @dataclass
@@ -87,9 +151,14 @@ class DraftTrainer:
     def __init__(self, model_dir: str, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_positions: int = 4, train_params: str = "layers",
                  lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 10_000,
-                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), model=None):
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), model=None,
+                 precision: str = "fp32"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+        self.precision = precision
+        keep_freed_memory()
         self.model_dir = str(model_dir)
         self.model = model if model is not None else load_draft(model_dir)
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
@@ -113,7 +182,9 @@ class DraftTrainer:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def loss_on(self, batch: Batch):
-        logits = row_logits(self.model, batch) / batch.logit_temperature()[:, None]
+        with autocast(self.model, self.precision):
+            hidden = row_hidden(self.model, batch)
+        logits = head_rows(self.model.lm_head, hidden, batch, self.precision)
         fn = LOSSES[self.loss_name]
         kw = {"gamma": self.gamma, "num_positions": self.num_positions}
         if self.loss_name == "lk_lambda":

@@ -1,0 +1,163 @@
+"""LK-lambda vs KL on the bootstrap's own data: same records, same budget, same initial head, 3 seeds. JSON out.
+
+    python bench/bootstrap_losses.py [--state <cache>/bootstrap/eagle3-0] [--positions 32768] [--seeds 0 1 2]
+
+Issue 17 asks for "LK-lambda vs KL on the bootstrap (same data, same budget, 3 seeds): the tau difference with its
+spread". Everything here is the bootstrap's own code path, only the loss differs:
+
+- data: the train and held-out records of a bootstrap state directory (BootstrapState.load_records: the split the
+  bootstrap made by prompt; held-out is never trained on), read only;
+- start: the state's `head/` (the new EAGLE-3 head rebuilt on the vocabulary of those records, untrained), copied
+  to a temporary directory so the state is never written; every run starts from these same weights;
+- training: lkserve.trainer.bootstrap.train with the worker's ops (lkserve.trainer.drafts.ops_for on Settings with
+  method "eagle3" and settings.trainer.loss = lk_lambda or kl; everything else default: lr 1e-3, batch 1,024
+  positions, gamma 0.8, eta 3, K = 4, fp32), for --positions positions; the seed sets the shuffle of the passes
+  (the data order), not the initial weights;
+- measured: held-out alpha per draft position (the gate's exact top-k lower bound, lkserve.trainer.gate) and the
+  gate's tau = 1 + sum_n prod_{j<=n} alpha_j, before training and after, plus the bootstrap's history (every
+  eval_every_steps steps).
+
+Summary: per loss the mean and sample standard deviation over seeds of the final held-out alpha and tau, and the
+paired difference LK-lambda - KL per seed (same data order), mean +- std, min and max. One torch thread per run;
+runs are sequential. Writes bench/results/bootstrap_losses.json (after every run, so a partial run keeps its rows)
+unless --no-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "bootstrap_losses.json"
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def stats(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
+
+
+def summarise(runs: list[dict], losses: list[str]) -> dict:
+    out: dict = {}
+    for loss in losses:
+        rs = [r for r in runs if r["loss"] == loss]
+        if rs:
+            out[loss] = {"heldout_alpha": stats([r["after"]["alpha_mean"] for r in rs]),
+                         "heldout_tau": stats([r["after"]["tau"] for r in rs]),
+                         "alpha_per_position_mean": [statistics.fmean(r["after"]["alpha_per_position"][n] for r in rs)
+                                                     for n in range(len(rs[0]["after"]["alpha_per_position"]))],
+                         "train_seconds": stats([r["train_seconds"] for r in rs])}
+    if len(losses) == 2:
+        a, b = losses
+        seeds = sorted({r["seed"] for r in runs if r["loss"] == a} & {r["seed"] for r in runs if r["loss"] == b})
+        if seeds:
+            get = lambda loss, s, key: next(r for r in runs if r["loss"] == loss and r["seed"] == s)["after"][key]
+            out[f"{a}_minus_{b}"] = {
+                "paired_by_seed": seeds,
+                "tau": stats([get(a, s, "tau") - get(b, s, "tau") for s in seeds]),
+                "alpha": stats([get(a, s, "alpha_mean") - get(b, s, "alpha_mean") for s in seeds]),
+            }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--state", default=None, help="bootstrap state directory (default <cache>/bootstrap/eagle3-0)")
+    ap.add_argument("--losses", nargs="+", default=["lk_lambda", "kl"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--positions", type=int, default=32_768, help="training budget per run, in positions")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from lkserve.config import EngineSettings, Settings, TrainerSettings
+    from lkserve.models.smollm2 import TARGET_NAME
+    from lkserve.trainer.bootstrap import BootstrapState, train
+    from lkserve.trainer.drafts import ops_for
+    from lkserve.trainer.train import set_threads
+
+    cache = Settings().cache_dir
+    state_dir = args.state or os.path.join(cache, "bootstrap", "eagle3-0")
+    state = BootstrapState(state_dir)
+    got = state.load_records()
+    if got is None:
+        raise SystemExit(f"{state_dir}: no records.lkvr yet")
+    train_r, held_r, meta = got
+    head_src = state.path(BootstrapState.HEAD)
+    if not os.path.isfile(os.path.join(head_src, "config.json")):
+        raise SystemExit(f"{state_dir}: no rebuilt head/ (not an EAGLE-3 bootstrap state?)")
+    target = meta.get("target") or str(Path(cache) / "models" / TARGET_NAME)
+    work = Path(tempfile.mkdtemp(prefix="bootstrap-losses-"))
+    head = work / "head"
+    shutil.copytree(head_src, head)  # the state is read only: every run loads the same copy
+    set_threads(args.threads)
+
+    def settings_for(loss: str) -> Settings:
+        return Settings(cache_dir=work, engine=EngineSettings(method="eagle3", draft_model=str(head),
+                                                              target_model=str(target)),
+                        trainer=TrainerSettings(loss=loss, threads=args.threads))
+
+    base = settings_for(args.losses[0])
+    ops0 = ops_for(base)
+    t0 = time.perf_counter()
+    before = ops0.evaluate(ops0.trainer(head).model, held_r).as_dict()
+    log(f"before: held-out alpha {before['alpha_mean']:.4f} tau {before['tau']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    config = {"state": state_dir, "capture_meta": meta, "train_records": len(train_r),
+              "train_positions": sum(r.num_positions for r in train_r), "heldout_records": len(held_r),
+              "heldout_positions": sum(r.num_positions for r in held_r), "initial_head": head_src,
+              "positions_per_run": args.positions, "seeds": args.seeds, "losses": args.losses,
+              "threads": args.threads, "batch_positions": base.trainer.batch_positions,
+              "lr": base.trainer.lr_for("eagle3"), "eta": base.trainer.eta, "gamma": base.trainer.gamma,
+              "eval_every_steps": base.trainer.eval_every_steps, "precision": base.trainer.precision,
+              "K": base.engine.num_speculative_tokens,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    runs: list[dict] = []
+
+    def write() -> None:
+        result = {"summary": summarise(runs, args.losses), "before": before, "config": config, "runs": runs}
+        text = json.dumps(result, indent=2)
+        if not args.no_write:
+            Path(args.out).write_text(text + "\n")
+        return text
+
+    try:
+        for seed in args.seeds:
+            for loss in args.losses:
+                settings = settings_for(loss)
+                torch.manual_seed(seed)
+                ops = ops_for(settings)
+                trainer = ops.trainer(head)
+                t1 = time.perf_counter()
+                history, done = train(ops, trainer, train_r, held_r, batch_positions=settings.trainer.batch_positions,
+                                      max_positions=args.positions, eval_every_steps=settings.trainer.eval_every_steps,
+                                      seed=seed, progress=lambda *a: None)
+                train_s = time.perf_counter() - t1
+                after = ops.evaluate(trainer.model, held_r).as_dict()
+                runs.append({"loss": loss, "seed": seed, "steps": trainer.step_count, "positions": done,
+                             "train_seconds": round(train_s, 1), "positions_per_s": round(done / train_s, 1),
+                             "after": after, "history": history, "load_avg": os.getloadavg()})
+                log(f"{loss:9s} seed {seed}: {trainer.step_count} steps, {done} positions in {train_s:.0f} s; "
+                    f"held-out alpha {after['alpha_mean']:.4f} tau {after['tau']:.4f}")
+                write()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(write())
+
+
+if __name__ == "__main__":
+    main()
