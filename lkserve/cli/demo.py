@@ -162,21 +162,27 @@ def pinned(cpus: list[int] | None):
         os.sched_setaffinity(0, old)
 
 
-def group_cpu_seconds(pgid: int) -> float | None:
-    """user + system CPU seconds of the live processes of process group `pgid` (/proc; None where there is none)."""
+def group_cpu(pgid: int) -> dict:
+    """CPU of the live processes of process group `pgid` (/proc): {"cpu_seconds": user + system in all,
+    "processes": [{"pid", "name", "cpu_seconds", "threads", "cpus"}]}; Linux only (empty elsewhere)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total, seen = 0.0, False
+    procs = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            head, rest = (d / "stat").read_text().rsplit(")", 1)
+            fields = rest.split()
+            if int(fields[2]) != pgid:  # after the command: state ppid pgrp ... utime(11) stime(12)
+                continue
+            status = dict(ln.split(":", 1) for ln in (d / "status").read_text().splitlines() if ":" in ln)
+        except (OSError, ValueError):
             continue
-        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime(11) stime(12)
-            total += (int(fields[11]) + int(fields[12])) / tick
-            seen = True
-    return round(total, 1) if seen else None
+        procs.append({"pid": int(d.name), "name": head.split("(", 1)[1],
+                      "cpu_seconds": round((int(fields[11]) + int(fields[12])) / tick, 1),
+                      "threads": int(status.get("Threads", "0").strip() or 0),
+                      "cpus": status.get("Cpus_allowed_list", "").strip()})
+    return {"cpu_seconds": round(sum(p["cpu_seconds"] for p in procs), 1), "processes": procs}
 
 
 # -------------------------------------------------------------------------------------------------- bootstrap
@@ -655,7 +661,7 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
     pids: dict[str, int] = {}
     split = cpu_split(settings.demo.cpu_split)
     extra: dict = {"timing": timing, "cpu": split, "bootstrap": None, "shift": None}
-    worker = None
+    worker, at_ready = None, {}
     try:
         redis.start()
         pids["redis"] = redis.pid
@@ -691,6 +697,7 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
         pids.update({c.name: c.proc.pid for c in children})
         wait_ready(f"{gateway}/ready", children[0])
         timing["gateway_ready_s"] = round(time.monotonic() - t_start, 1)
+        at_ready = {c.name: group_cpu(c.proc.pid)["cpu_seconds"] for c in children}
         console.print(f"[green]ready[/green]. Live dashboard: [bold]{gateway}/dashboard[/bold]   "
                       f"metrics: {gateway}/metrics, {worker_metrics}")
         with Live(console=console, refresh_per_second=2) as live:
@@ -698,7 +705,10 @@ def run_demo(cfg: DemoConfig, settings: Settings | None = None) -> dict:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping[/yellow]")
     finally:
-        split["cpu_seconds"] = {c.name: group_cpu_seconds(c.proc.pid) for c in children}
+        split["processes"] = {c.name: group_cpu(c.proc.pid) for c in children}
+        if at_ready:  # CPU seconds of each child while the traffic ran (the start-up's left out)
+            split["cpu_seconds_during_traffic"] = {
+                name: round(split["processes"][name]["cpu_seconds"] - at_ready[name], 1) for name in at_ready}
         for child in reversed(children):
             child.stop()
         try:
