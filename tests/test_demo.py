@@ -53,7 +53,9 @@ def test_demo_runs_and_ctrl_c_stops_everything(tmp_path, tiny_env):
     out = tmp_path / "demo"
     proc = subprocess.Popen([sys.executable, "-m", "lkserve.cli", "demo", "--minutes", "5", "--clients", "2",
                              "--max-tokens", "48", "--out", str(out), "--no-bootstrap"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tiny_env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tiny_env,
+                            # a pytest started in the background (`cmd &`) ignores SIGINT, and so would the demo
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one call
     lines = []
     try:
         deadline = time.monotonic() + 400
