@@ -164,6 +164,12 @@ class TrainerSettings(BaseModel):
     gate_margin: float = 0.005
     gate_metric: Literal["alpha_mean", "tau"] = "alpha_mean"
     gate_min_rows: int = Field(256, ge=1)
+    # teacher forcing of served contexts: the worker runs the target (transformers, on its own threads) over each
+    # captured record's context and trains on a label at EVERY position (prompt and completion), not only where
+    # the draft was verified (about one per target step): several times the positions per served token, the
+    # prompts' domain included. Needs engine.target_model. The rollback monitor still reads the served records.
+    teacher_forcing: bool = Field(False, description="label every position of served contexts with the target "
+                                  "(a target pass per record on the worker)")
     # rollback
     rollback_window_tokens: int = Field(2000, ge=1)
     rollback_margin: float = 0.05
@@ -212,6 +218,8 @@ class DemoSettings(BaseModel):
     # shared: no pinning, the engine core on torch's default threads (all CPUs), as before. Measured side by side on
     # this 2-core machine: docs/worker.md, "The worker's share of the demo".
     cpu_split: Literal["worker_core", "shared"] = "worker_core"
+    teacher_forcing: bool = Field(True, description="the demo's worker labels every position of the served "
+                                  "contexts with the target (trainer.teacher_forcing)")
 
 
 class Settings(BaseSettings):
