@@ -543,11 +543,17 @@ def plot(state: DemoState, path: Path, bin_seconds: float = 20.0, shift: dict | 
                 transform=ax.get_xaxis_transform())
     if state.shift_t is not None:
         ax.axvline(state.shift_t, color="tab:red", lw=2, label="domain shift: MT-bench -> HumanEval")
-    static = (shift or {}).get("all", {}).get("alpha_static")
-    if static is not None and state.shift_t is not None:
-        ax.hlines(static, state.shift_t, end, colors="tab:gray", linestyles="--",
-                  label=f"static {shift['static_version']} on the shifted traffic (held-out alpha {static:.3f})")
-        rates.append(static)
+    pooled = (shift or {}).get("all") or {}
+    if pooled.get("alpha_static") is not None and state.shift_t is not None:
+        # another quantity (the gate's alpha per verified position), so another axis
+        right = ax.twinx()
+        right.hlines(pooled["alpha_static"], state.shift_t, end, colors="tab:gray", linestyles="--",
+                     label=f"static {shift['static_version']}: {pooled['alpha_static']:.3f}")
+        right.hlines(pooled["alpha_served_versions"], state.shift_t, end, colors="tab:purple", linestyles=":",
+                     label=f"versions that served it: {pooled['alpha_served_versions']:.3f}")
+        right.set_ylabel("held-out alpha on the shifted traffic (right)")
+        right.set_ylim(0, max(pooled["alpha_static"], pooled["alpha_served_versions"]) * 1.6)
+        right.legend(loc="upper right", fontsize=8, title="gate alpha after the shift", title_fontsize=8)
     ax.set_xlabel("seconds of traffic")
     ax.set_ylabel("accepted / drafted")
     ax.set_ylim(0, max(rates + [0.1]) * 1.25)
