@@ -220,6 +220,8 @@ class DemoSettings(BaseModel):
     cpu_split: Literal["worker_core", "shared"] = "worker_core"
     teacher_forcing: bool = Field(True, description="the demo's worker labels every position of the served "
                                   "contexts with the target (trainer.teacher_forcing)")
+    worker_lr: float | None = Field(None, gt=0, description="the demo worker's learning rate (None: trainer.lr); "
+                                    "the bootstrap keeps trainer.lr")
 
 
 class Settings(BaseSettings):

@@ -129,6 +129,7 @@ def worker_settings(settings: Settings, redis_url: str, draft_dir: Path, target_
         "eval_every_steps": 4, "gate_min_rows": 128, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
         "public_url": f"http://127.0.0.1:{metrics_port}", "base_version": base_version,
         "teacher_forcing": settings.demo.teacher_forcing,
+        **({"lr": settings.demo.worker_lr} if settings.demo.worker_lr else {}),
         **({"threads": threads} if threads else {}), **per_method})
     engine = settings.engine.model_copy(update={"method": method, "draft_model": str(draft_dir),
                                                 "target_model": str(target_dir)})
