@@ -168,6 +168,12 @@ class TrainerSettings(BaseModel):
     gate_margin: float = 0.005
     gate_metric: Literal["alpha_mean", "tau"] = "alpha_mean"
     gate_min_rows: int = Field(256, ge=1)
+    # teacher forcing of served contexts: the worker runs the target (transformers, on its own threads) over each
+    # captured record's context and trains on a label at EVERY position (prompt and completion), not only where
+    # the draft was verified (about one per target step): several times the positions per served token, the
+    # prompts' domain included. Needs engine.target_model. The rollback monitor still reads the served records.
+    teacher_forcing: bool = Field(False, description="label every position of served contexts with the target "
+                                  "(a target pass per record on the worker)")
     # rollback
     rollback_window_tokens: int = Field(2000, ge=1)
     rollback_margin: float = 0.05
@@ -197,6 +203,31 @@ class TrainerSettings(BaseModel):
         return self.min_fresh_positions if self.min_fresh_positions is not None else max(1, self.batch_positions // 2)
 
 
+class DemoSettings(BaseModel):
+    """`lkserve demo` (LKSERVE_DEMO__*; the demo's flags win). The draft it starts from, and how it shares the CPU."""
+
+    # The demo starts from a draft bootstrapped (lkserve.trainer.bootstrap.run_bootstrap) on the CHAT domain only
+    # (MT-bench train split), so its HumanEval phase is a domain shift the draft has never seen. Cached under
+    # <cache>/demo/bootstrap/<method>-<key>, key = target, base draft, method and everything below: a later demo with
+    # the same values reuses it. Budget measured on this 2-core CPU (docs/worker.md, "The demo's bootstrap").
+    bootstrap: bool = Field(True, description="start from a bootstrapped draft (False: the untrained one)")
+    bootstrap_prompts: int | None = Field(None, ge=2, description="MT-bench prompts in all, held-out split "
+                                          "included (None: all 80: 64 train, 16 held out)")
+    bootstrap_samples: int = Field(2, ge=1, description="the target's completions per train prompt")
+    bootstrap_max_tokens: int = Field(128, ge=8, description="tokens per completion")
+    bootstrap_positions: int = Field(60_000, ge=1, description="training budget: positions trained")
+    bootstrap_minutes: float | None = Field(6.0, gt=0, description="training budget cap: minutes of training")
+    # worker_core: the training worker is pinned to a CPU of its own (the last half of the CPUs, at least one) with
+    # that many torch threads, the gateway and its vLLM engine core to the others with OMP_NUM_THREADS = their count;
+    # shared: no pinning, the engine core on torch's default threads (all CPUs), as before. Measured side by side on
+    # this 2-core machine: docs/worker.md, "The worker's share of the demo".
+    cpu_split: Literal["worker_core", "shared"] = "worker_core"
+    teacher_forcing: bool = Field(True, description="the demo's worker labels every position of the served "
+                                  "contexts with the target (trainer.teacher_forcing)")
+    worker_lr: float | None = Field(None, gt=0, description="the demo worker's learning rate (None: trainer.lr); "
+                                    "the bootstrap keeps trainer.lr")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LKSERVE_", env_nested_delimiter="__", extra="ignore")
 
@@ -206,6 +237,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

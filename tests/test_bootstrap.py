@@ -35,6 +35,22 @@ def test_heldout_split_is_stable_and_disjoint():
     assert bootstrap.split_prompts(prompts[:50], 0.2, seed=0)[1] == [p for p in held if p in prompts[:50]]
 
 
+def test_prompt_domains_select_the_sets_and_keep_each_prompts_side():
+    """The demo bootstraps on the chat prompts only (its HumanEval phase is then a domain the draft never saw): a
+    domain's prompts are exactly its keys, on the same side of the held-out split as with both domains."""
+    both_train, both_held = bootstrap.bootstrap_prompts(0.2, None, seed=0)
+    train, held = bootstrap.bootstrap_prompts(0.2, None, seed=0, domains=("mtbench",))
+    assert train and held and all(k.startswith("mtbench/") for k, _ in train + held)
+    assert train == [p for p in both_train if p[0].startswith("mtbench/")]
+    assert held == [p for p in both_held if p[0].startswith("mtbench/")]
+    code = bootstrap.prompt_texts(("humaneval",))
+    assert code and all(k.startswith("HumanEval/") for k, _ in code)
+    assert len(code) + len(train) + len(held) == len(bootstrap.prompt_texts())
+    for bad in ((), ("stdlib",)):
+        with pytest.raises(ValueError):
+            bootstrap.prompt_texts(bad)
+
+
 CAPTURE = {"max_prompts": 120, "max_tokens": 64, "max_prompt_tokens": 64, "temperature": 1.0}
 
 

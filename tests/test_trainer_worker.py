@@ -69,6 +69,33 @@ def test_worker_trains_gates_publishes_and_acks(tiny, redis_url, redis_client, t
     assert held and all(is_heldout(h, 0.2) for h in held)
 
 
+def test_worker_teacher_forcing_labels_every_position(tiny, redis_url, redis_client, tmp_path, stream_records):
+    """trainer.teacher_forcing: each record the worker takes in is relabelled by the target at every position of its
+    context (same request id, so the same side of the split; same draft version), and the labels agree with the
+    target's own distributions where the served record had them."""
+    import numpy as np
+
+    served = stream_records[:24]
+    _push(redis_client, "cap", served)
+    settings = _settings(tiny, redis_url, tmp_path, teacher_forcing=True, min_fresh_positions=10**6)
+    w = Worker(settings.model_copy(update={"engine": settings.engine.model_copy(
+        update={"target_model": str(tiny.target)})}))
+    w.run_once()
+    assert w.counters["records"] == 24 and w.counters["teacher_forced_records"] == 24
+    got = [i.record for i in w.replay.fresh] + list(w.replay.heldout)
+    by_id = {r.request_id: r for r in served}
+    assert sorted(r.request_id for r in got) == sorted(by_id)
+    for r in got:
+        orig = by_id[r.request_id]
+        assert r.draft_version == orig.draft_version and r.tags.get("source") == "teacher"
+        assert r.num_positions == len(orig.context_token_ids) - 1 > orig.num_positions
+        where = {int(p): j for j, p in enumerate(r.positions)}
+        for j, p in enumerate(orig.positions):  # the served labels, found again among the teacher's
+            t = where[int(p)]
+            assert np.array_equal(r.topk_ids[t][:4], orig.topk_ids[j][:4])
+            assert np.allclose(r.topk_probs[t].astype(float), orig.topk_probs[j].astype(float), atol=2e-3)
+
+
 def test_worker_pauses(tiny, redis_url, redis_client, tmp_path, stream_records):
     _push(redis_client, "cap", stream_records[:20])
     w = Worker(_settings(tiny, redis_url, tmp_path))

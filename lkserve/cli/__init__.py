@@ -108,7 +108,7 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
                             max_minutes=args.minutes, seed=args.seed, announce=not args.no_announce,
                             state_dir=state_dir, fresh=args.fresh, source=args.source,
                             max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
-                            concurrency=args.concurrency,
+                            concurrency=args.concurrency, domains=tuple(args.domains.split(",")),
                             **({"samples": args.samples, "text_tokens": args.text_tokens}
                                if args.source == "teacher" else {}))
     finally:
@@ -144,9 +144,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lkserve.cli.demo import DemoConfig, run_demo
 
+    settings = load_settings()
+    flags = {"bootstrap": False if args.no_bootstrap else None, "bootstrap_positions": args.boot_positions,
+             "bootstrap_minutes": args.boot_minutes, "bootstrap_prompts": args.boot_prompts,
+             "bootstrap_samples": args.boot_samples, "bootstrap_max_tokens": args.boot_max_tokens,
+             "cpu_split": args.cpu_split}
+    demo = settings.demo.model_copy(update={k: v for k, v in flags.items() if v is not None})
     summary = run_demo(DemoConfig(minutes=args.minutes, clients=args.clients, temperature=args.temperature,
                                   max_tokens=args.max_tokens, port=args.port, seed=args.seed, out_dir=args.out,
-                                  method=args.draft))
+                                  method=args.draft), settings.model_copy(update={"demo": demo}))
     return 0 if summary["requests"] else 1
 
 
@@ -199,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "<method>-<seed>)")
     boot.add_argument("--fresh", action="store_true", help="discard the state directory first (capture again, train "
                                                            "from the base)")
-    boot.add_argument("--prompts", type=int, help="use only this many prompts (default: all 244)")
+    boot.add_argument("--prompts", type=int, help="use only this many prompts (default: all of --domains; 244)")
+    boot.add_argument("--domains", default="mtbench,humaneval",
+                      help="prompt sets, comma-separated: mtbench (chat), humaneval (code); default both")
     boot.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     boot.add_argument("--temperature", type=float, default=1.0)
     boot.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
@@ -230,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--draft", choices=("draft_model", "eagle3"), default=DEFAULT_METHOD,
                       help=f"the draft to adapt: a 2-layer SmolLM2 draft model or a new EAGLE-3 head "
                            f"(default {DEFAULT_METHOD}, chosen by measurement: README, 'Which draft')")
+    demo.add_argument("--no-bootstrap", action="store_true",
+                      help="start from the untrained draft (LKSERVE_DEMO__BOOTSTRAP=false) instead of one bootstrapped "
+                           "on the chat domain (cached after the first run)")
+    demo.add_argument("--boot-positions", type=int, help="bootstrap budget: positions trained "
+                                                          "(LKSERVE_DEMO__BOOTSTRAP_POSITIONS, default 60000)")
+    demo.add_argument("--boot-minutes", type=float, help="bootstrap budget cap: minutes of training (default 6)")
+    demo.add_argument("--boot-prompts", type=int, help="bootstrap MT-bench prompts, held-out ones included "
+                                                        "(default all 80)")
+    demo.add_argument("--boot-samples", type=int, help="bootstrap completions per train prompt (default 2)")
+    demo.add_argument("--boot-max-tokens", type=int, help="bootstrap tokens per completion (default 128)")
+    demo.add_argument("--cpu-split", choices=("worker_core", "shared"),
+                      help="worker_core (default): the training worker on a CPU of its own, the engine on the others; "
+                           "shared: no pinning (LKSERVE_DEMO__CPU_SPLIT)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

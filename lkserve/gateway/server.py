@@ -61,7 +61,10 @@ async def serve_async(settings: Settings, redis_url: str | None, started=None) -
         from lkserve.capture.sink import redis_sink_spec
 
         sink_spec = redis_sink_spec(redis_url, settings.redis, settings.capture)
-    engine = await Engine.create(settings.engine, settings.capture, sink_spec)
+    # the version name the engine starts with is the registry's name for engine.draft_model (trainer.base_version,
+    # "base" by default): the worker registers that checkpoint under it, so both agree on what serves first
+    engine = await Engine.create(settings.engine, settings.capture, sink_spec,
+                                 draft_version=settings.trainer.base_version)
     try:
         app = create_app(engine, settings, redis_url=redis_url)
         gw = settings.gateway

@@ -142,13 +142,24 @@ def default_state_dir(settings, seed: int) -> str:
     return os.path.join(settings.cache_dir, "bootstrap", f"{settings.engine.method}-{seed}")
 
 
-def prompt_texts() -> list[tuple[str, str]]:
-    """(key, text) of every bootstrap prompt: the first turn of each MT-bench question and each HumanEval stub.
-    Only these installed data wheels are read (the reserved domains never are: tests/test_bootstrap.py)."""
+DOMAINS = ("mtbench", "humaneval")
+
+
+def prompt_texts(domains: tuple[str, ...] = DOMAINS) -> list[tuple[str, str]]:
+    """(key, text) of every bootstrap prompt of `domains`: "mtbench", the first turn of each MT-bench question (chat);
+    "humaneval", each HumanEval stub (code). Only these installed data wheels are read (the reserved domains never
+    are: tests/test_bootstrap.py). The demo bootstraps on ("mtbench",) only, so its HumanEval phase is a domain the
+    bootstrapped draft has never seen."""
     from lkserve.prompts import humaneval_prompts, mtbench_prompts
 
-    out = [(f"mtbench/{q['question_id']}", q["turns"][0]) for q in mtbench_prompts()]
-    out += [(t["task_id"], t["prompt"]) for t in humaneval_prompts()]
+    unknown = set(domains) - set(DOMAINS)
+    if unknown or not domains:
+        raise ValueError(f"bootstrap prompt domains must be a non-empty subset of {DOMAINS}, not {domains!r}")
+    out = []
+    if "mtbench" in domains:
+        out += [(f"mtbench/{q['question_id']}", q["turns"][0]) for q in mtbench_prompts()]
+    if "humaneval" in domains:
+        out += [(t["task_id"], t["prompt"]) for t in humaneval_prompts()]
     return out
 
 
@@ -164,10 +175,11 @@ def split_prompts(prompts: list[tuple[str, str]], heldout_fraction: float, seed:
     return train, held
 
 
-def bootstrap_prompts(heldout_fraction: float, max_prompts: int | None, seed: int):
-    """(train, held-out) prompts of the bootstrap: split_prompts, cut to `max_prompts` in all (the held-out side
-    keeps its fraction)."""
-    train_p, held_p = split_prompts(prompt_texts(), heldout_fraction, seed)
+def bootstrap_prompts(heldout_fraction: float, max_prompts: int | None, seed: int,
+                      domains: tuple[str, ...] = DOMAINS):
+    """(train, held-out) prompts of the bootstrap: split_prompts of `domains`' prompts, cut to `max_prompts` in all
+    (the held-out side keeps its fraction). A prompt's side does not depend on `domains` (a hash of its key)."""
+    train_p, held_p = split_prompts(prompt_texts(tuple(domains)), heldout_fraction, seed)
     if max_prompts is not None:
         n_held = max(1, round(max_prompts * heldout_fraction))
         train_p, held_p = train_p[: max_prompts - n_held], held_p[:n_held]
@@ -435,9 +447,9 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
 
 async def capture_split(engine, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
                         max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
-                        concurrency: int = 16, seed: int = 0):
-    """(train records, held-out records, seconds) of the bootstrap prompts served by `engine`."""
-    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed)
+                        concurrency: int = 16, seed: int = 0, domains: tuple[str, ...] = DOMAINS):
+    """(train records, held-out records, seconds) of the bootstrap prompts (of `domains`) served by `engine`."""
+    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed, domains)
     enc = lambda ps: [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in ps]
     t0 = time.perf_counter()
     kw = {"max_tokens": max_tokens, "temperature": temperature, "concurrency": concurrency}
@@ -466,7 +478,8 @@ def records_for(state: BootstrapState | None, capture, meta: dict):
 
 def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
                   max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
-                  concurrency: int = 32, samples: int = 1, text_tokens: int = 0, window: int = 512, seed: int = 0):
+                  concurrency: int = 32, samples: int = 1, text_tokens: int = 0, window: int = 512, seed: int = 0,
+                  domains: tuple[str, ...] = DOMAINS):
     """(train records, held-out records, seconds), teacher-forced (lkserve.trainer.teacher): the target's own
     completions of the train / held-out prompts from an engine WITHOUT speculation (`concurrency` streams, capture
     off: far more tokens per CPU-second than one spec engine capturing), then one target pass per window giving a
@@ -475,7 +488,7 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
     from lkserve.engine.engine import Engine
     from lkserve.trainer import teacher
 
-    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed)
+    train_p, held_p = bootstrap_prompts(heldout_fraction, max_prompts, seed, domains)
     nospec = settings.engine.model_copy(update={"method": "none", "draft_model": None,
                                                 "max_num_seqs": max(settings.engine.max_num_seqs, concurrency)})
     off = settings.capture.model_copy(update={"enabled": False})
@@ -509,12 +522,13 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
 
 def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_minutes: float | None = None,
                   seed: int = 0, announce: bool = True, state_dir=None, fresh: bool = False, source: str = "teacher",
-                  **capture_kw) -> BootstrapResult:
+                  domains: tuple[str, ...] = DOMAINS, progress=_progress, **capture_kw) -> BootstrapResult:
     """The CLI. source "teacher": teacher_split (the target's own completions, teacher-forced); "served": an
     in-process engine serving settings.engine (capture on, memory sink) captures what verification sees
     (capture_split). Either engine is stopped before training (the CPU is the trainer's then); the draft is trained
     and registered. `capture_kw`: the split's. `state_dir` (None: no state): resume from it (records, training
-    state); `fresh` discards it first."""
+    state); `fresh` discards it first. `domains`: the prompt sets (prompt_texts), recorded as the metadata's
+    "prompts" ("mtbench+humaneval" by default)."""
     from lkserve.engine.engine import Engine
 
     if source not in SOURCES:
@@ -528,22 +542,24 @@ def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_m
     async def served():
         engine = await Engine.create(settings.engine, capture, None, in_process=True)
         try:
-            return await capture_split(engine, seed=seed, **capture_kw)
+            return await capture_split(engine, seed=seed, domains=domains, **capture_kw)
         finally:
             await engine.shutdown()
 
     def collect():
         if source == "teacher":
-            return teacher_split(settings.model_copy(update={"capture": capture}), seed=seed, **capture_kw)
+            return teacher_split(settings.model_copy(update={"capture": capture}), seed=seed, domains=domains,
+                                 **capture_kw)
         return asyncio.run(served())
 
-    meta = {"prompts": "mtbench+humaneval", "seed": seed, "target": str(settings.engine.target_model),
+    prompts = "+".join(d for d in DOMAINS if d in domains)
+    meta = {"prompts": prompts, "seed": seed, "target": str(settings.engine.target_model),
             "draft": str(settings.engine.draft_model), "source": source, **capture_kw}
     train_r, held_r, gen_s = records_for(state, collect, meta)
     return bootstrap_records(settings, registry, train_r, held_r, max_positions=max_positions,
                              max_minutes=max_minutes, seed=seed, announce=announce, generate_seconds=gen_s,
-                             extra_metadata={"prompts": "mtbench+humaneval", "source": source, **capture_kw},
-                             state_dir=state_dir)
+                             extra_metadata={"prompts": prompts, "source": source, **capture_kw},
+                             state_dir=state_dir, progress=progress)
 
 
 def draft_vocab_from_records(records: list, vocab_size: int, size: int, always=()):

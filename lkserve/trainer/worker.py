@@ -94,7 +94,9 @@ class Worker:
         self.http: WorkerHTTP | None = None
         self.ledger: list[str] = []
         self.counters = {"records": 0, "heldout_records": 0, "positions_trained": 0, "published": 0,
-                         "rejected": 0, "rolled_back": 0, "records_without_hidden_states": 0}
+                         "rejected": 0, "rolled_back": 0, "records_without_hidden_states": 0,
+                         "teacher_forced_records": 0, "teacher_seconds": 0.0}
+        self.teacher = self._teacher() if cfg.teacher_forcing else None
         self.last_eval: dict = {}
         self.stopping = False
         self._steps_since_eval = 0
@@ -102,6 +104,37 @@ class Worker:
         self._last_ckpt = time.monotonic()
         self._rate_t0, self._rate_n = time.monotonic(), 0
         self._setup()
+
+    # -- teacher forcing (trainer.teacher_forcing) -------------------------------------------------------------
+    def _teacher(self):
+        """(target model, aux layers or None) for labelling served contexts (lkserve.trainer.teacher)."""
+        from lkserve.trainer import teacher
+
+        target = self.settings.engine.target_model
+        if not target:
+            raise ValueError("trainer.teacher_forcing needs engine.target_model")
+        aux = teacher.aux_layers_of(self.base_draft) if self.method == "eagle3" else None
+        return teacher.load_target(target), aux
+
+    def _teacher_forced(self, rec):
+        """`rec` relabelled by the target at every position of its context (same request id, so the same side of the
+        held-out split; same draft version and tags). Records of a request split into chunks overlap: each chunk
+        is relabelled over its own context."""
+        from lkserve.trainer import teacher
+
+        model, aux = self.teacher
+        t0 = time.perf_counter()
+        out = teacher.teacher_records(model, [list(map(int, rec.context_token_ids))], top_k=self.settings.capture.top_k,
+                                      temperature=rec.temperature, num_positions=self.settings.engine.num_speculative_tokens,
+                                      aux_layer_ids=aux, window=self.settings.engine.max_model_len,
+                                      hidden_dtype=self.settings.capture.hidden_dtype, tags=rec.tags)
+        self.counters["teacher_seconds"] += time.perf_counter() - t0
+        if len(out) != 1:  # shorter than teacher_records' minimum: keep what serving captured
+            return rec
+        new = out[0]
+        new.request_id, new.draft_version, new.model_id = rec.request_id, rec.draft_version, rec.model_id
+        self.counters["teacher_forced_records"] += 1
+        return new
 
     # -- setup / restore --------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -209,6 +242,8 @@ class Worker:
                 if self.counters["records_without_hidden_states"] == 1:
                     _event("warning", message="EAGLE-3 training needs records with the target's hidden states: "
                                               "set LKSERVE_CAPTURE__HIDDEN_STATES=true on the gateways")
+            if self.teacher is not None and rec.num_positions:
+                rec = self._teacher_forced(rec)
             side = self.replay.add(eid, rec)
             M_RECORDS.labels(side).inc()
             self.counters["records"] += 1
