@@ -10,7 +10,9 @@ first turns and HumanEval stubs, alternating, chat template), `--max-tokens` eac
 Rows: `no_spec`, `ngram`, `untrained_<kind>` (the base a bootstrap starts from), `bootstrapped_<kind>` (a draft
 directory given with --bootstrapped KIND=DIR, e.g. the registry path `lkserve draft bootstrap` printed). The rows
 take turns (`--rounds`) so drift on a shared machine hits all alike; figures are the medians of the turns. The
-`static` / `adapted` rows (a 10-minute online adaptation on a shifted domain) are not measured by this script yet.
+`static` / `adapted` rows come from bench/adapted.py (a demo's bootstrapped draft vs its last adapted version on
+HumanEval prompts the demo never served, its own run with its own no_spec row), attached with `--adapted FILE`;
+`--attach NAME=FILE` stores another run of this script (e.g. at `--k 2`) under NAME.
 
 Run (starts vLLM engines): flock /tmp/lkserve-engine.lock .venv/bin/python bench/bootstrap.py \\
     --bootstrapped draft_model=~/.cache/lkserve/drafts/v0001 [--quick]
@@ -98,6 +100,37 @@ def median_rows(turns: list[dict]) -> dict:
     return out
 
 
+def measure_rows(engines: dict, prompts, rows: dict, target, args) -> dict:
+    """Every engine in turn for `--rounds` rounds; medians, ratios to no_spec, and the run's config."""
+    from lkserve.config import EngineSettings
+
+    turns: dict[str, list] = {n: [] for n in engines}
+    for r in range(args.rounds):
+        for name, s in engines.items():
+            log(f"round {r + 1}/{args.rounds}: {name}")
+            turns[name].append(asyncio.run(measure(name, s, prompts, args)))
+    out = {name: median_rows(t) for name, t in turns.items()}
+    ns = out["no_spec"]
+    for name, row in out.items():
+        row["tok_s_1stream_t0_over_no_spec"] = round(row["tok_s_1stream_t0"] / ns["tok_s_1stream_t0"], 3)
+        row["tok_s_4streams_t1_over_no_spec"] = round(row["tok_s_4streams_t1"] / ns["tok_s_4streams_t1"], 3)
+    out["config"] = {"target": str(target), "drafts": {n: d for n, (_, d) in rows.items()},
+                     "draft_sha256": {n: sha256_of(d) for n, (_, d) in rows.items()}, "K": args.k,
+                     "layout": EngineSettings().layout, "dtype": EngineSettings().dtype,
+                     "enforce_eager": EngineSettings().enforce_eager, "prompts_t1_4streams": len(prompts),
+                     "prompts_t0_1stream": args.prompts_1stream, "max_tokens": args.max_tokens,
+                     "heldout": "lkserve.trainer.bootstrap split (fraction 0.2, seed 0), MT-bench/HumanEval alternating",
+                     "rounds": args.rounds, "seed": EngineSettings().seed, "quick": args.quick}
+    return out
+
+
+def sha256_of(draft_dir: str) -> str | None:
+    import hashlib
+
+    f = Path(draft_dir) / "model.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrapped", action="append", default=[], metavar="KIND=DIR",
@@ -109,6 +142,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained_<kind> rows")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/lkserve"))
+    ap.add_argument("--adapted", help="a bench/adapted.py JSON: its static / adapted rows (and config) are attached")
+    ap.add_argument("--attach", action="append", default=[], metavar="NAME=FILE",
+                    help="another run's JSON, stored under NAME (repeatable)")
+    ap.add_argument("--from", dest="from_file", help="no engines: take the rows of an earlier run's JSON (printed "
+                    "with --no-write), then attach --adapted / --attach and write")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -136,24 +174,23 @@ def main() -> None:
 
     prompts = heldout_prompts(str(target), args.prompts)
 
-    turns: dict[str, list] = {n: [] for n in engines}
-    for r in range(args.rounds):
-        for name, s in engines.items():
-            log(f"round {r + 1}/{args.rounds}: {name}")
-            turns[name].append(asyncio.run(measure(name, s, prompts, args)))
-    out = {name: median_rows(t) for name, t in turns.items()}
-    ns = out["no_spec"]
-    for name, row in out.items():
-        row["tok_s_1stream_t0_over_no_spec"] = round(row["tok_s_1stream_t0"] / ns["tok_s_1stream_t0"], 3)
-        row["tok_s_4streams_t1_over_no_spec"] = round(row["tok_s_4streams_t1"] / ns["tok_s_4streams_t1"], 3)
-    out["static"] = out["adapted"] = None
-    out["config"] = {"target": str(target), "drafts": {n: d for n, (_, d) in rows.items()}, "K": args.k,
-                     "layout": EngineSettings().layout, "dtype": EngineSettings().dtype,
-                     "enforce_eager": EngineSettings().enforce_eager, "prompts_t1_4streams": len(prompts),
-                     "prompts_t0_1stream": args.prompts_1stream, "max_tokens": args.max_tokens,
-                     "heldout": "lkserve.trainer.bootstrap split (fraction 0.2, seed 0), MT-bench/HumanEval alternating",
-                     "rounds": args.rounds, "seed": EngineSettings().seed, "quick": args.quick,
-                     "not_measured": "static / adapted (online adaptation on a shifted domain)"}
+    if args.from_file:
+        out = json.loads(Path(args.from_file).read_text())
+        out["config"].setdefault("draft_sha256", {n: sha256_of(d) for n, d in out["config"]["drafts"].items()})
+    else:
+        out = measure_rows(engines, prompts, rows, target, args)
+    out.setdefault("static", None)
+    out.setdefault("adapted", None)
+    if args.adapted:
+        run = json.loads(Path(args.adapted).read_text())
+        out["static"], out["adapted"] = run["static"], run["adapted"]
+        out["adapted_run"] = {"no_spec": run["no_spec"], "adapted_over_static_tau_t1": run["adapted_over_static_tau_t1"],
+                              "config": run["config"]}
+    for name, f in (a.split("=", 1) for a in args.attach):
+        out[name] = json.loads(Path(f).read_text())
+    if args.adapted:
+        out["config"].pop("not_measured", None)
+    out["config"]["static_adapted"] = "bench/adapted.py (see adapted_run.config)" if args.adapted else "not measured"
     text = json.dumps(out, indent=2)
     print(text)
     if not args.no_write and not args.quick:

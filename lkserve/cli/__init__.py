@@ -126,7 +126,7 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
 
 BENCHES = ("losses", "capture", "engine", "models", "adaptation", "domain_shift", "serving", "draft_choice",
            "eagle3_losses", "lk_vs_kl_tiny", "loss_cost", "step_cost", "k_sweep", "bootstrap_sources", "bootstrap",
-           "train_speed", "bootstrap_losses")
+           "train_speed", "bootstrap_losses", "compile", "adapted")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
