@@ -63,6 +63,10 @@ def main() -> None:
     static_dir = summary["bootstrap"]["path"]
     adapted_dir = str(demo / "worker" / "drafts" / adapted_v)
     texts, served = unseen_humaneval(summary)
+    if len(texts) < max(args.prompts, args.prompts_1stream):
+        raise SystemExit(f"the demo served {served} HumanEval requests: only {len(texts)} of its walk's prompts were "
+                         f"never served, {max(args.prompts, args.prompts_1stream)} needed (a shorter HumanEval phase, "
+                         "or fewer --prompts; summary.json's shift.windows compares on the served traffic itself)")
     tok = AutoTokenizer.from_pretrained(summary["target"])
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[: args.prompts]]
     common = {"target_model": summary["target"], "num_speculative_tokens": args.k, "max_num_seqs": 8}

@@ -33,13 +33,32 @@ def default_cache_dir() -> Path:
     return Path(base) / "lkserve"
 
 
+# K by measurement where it was measured (docs/engine.md "Choosing K"). CPU: bench/results/k_sweep.json, bootstrapped
+# drafts, held-out prompts, 1 stream, T=0, this 2-core machine: fastest K for the EAGLE-3 head 2 (1.12x no
+# speculation; K=4 0.97x), for ngram 4 (1.35x), for the draft model 1 (0.96x) with K=2 within noise of it (0.94x)
+# and twice the draft positions per step for the worker to learn from. A verified token costs the CPU about what a
+# plain step does, so K stays small. CUDA: not measured here; 4 (verifying a few more tokens is nearly free on a GPU).
+DEFAULT_K: dict[str, dict[str, int]] = {
+    "cpu": {"draft_model": 2, "eagle3": 2, "ngram": 4},
+    "cuda": {"draft_model": 4, "eagle3": 4, "ngram": 4},
+}
+
+
+def device_kind() -> str:
+    """Where vLLM will run: "cuda" when torch sees a GPU, else "cpu" (torch is imported only to ask)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class EngineSettings(BaseModel):
     """How vLLM is started: target, draft and speculative decoding."""
 
     target_model: str | None = Field(None, description="HF checkpoint dir of the target; None = default SmolLM2")
     draft_model: str | None = Field(None, description="HF checkpoint dir of the draft; None = default draft")
     method: Literal["draft_model", "ngram", "eagle3", "none"] = "draft_model"
-    num_speculative_tokens: int = Field(4, ge=1, le=16, description="K, tokens drafted per step")
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, le=16, description="K, tokens drafted per step; None: DEFAULT_K for the device and method")
     # probabilistic + standard rejection sampling: acceptance = sum min(p, q), what LK losses optimise.
     draft_sample_method: Literal["probabilistic", "greedy"] = "probabilistic"
     dtype: str = "auto"
@@ -69,6 +88,12 @@ class EngineSettings(BaseModel):
         None, description="{c0, c_draft, c_verify} per-step ms; None: spec_k.DEFAULT_COST_MS for the method")
     step_cost_file: Path | None = Field(None, description="a bench/step_cost.py JSON: its 1-stream figures "
                                         "for the method win over step_cost_ms")
+
+    @model_validator(mode="after")
+    def _measured_k(self) -> EngineSettings:
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_K[device_kind()].get(self.method, 4)
+        return self
 
     @model_validator(mode="after")
     def _layout_fits_parallelism(self) -> EngineSettings:

@@ -137,3 +137,20 @@ def test_trainer_settings_from_env_and_file(monkeypatch, tmp_path):
     monkeypatch.setenv("LKSERVE_TRAINER__LOSS", "mse")
     with pytest.raises(ValueError, match="loss"):
         load_settings()
+
+
+def test_k_defaults_per_device_kind_and_method(monkeypatch):
+    """Unset, K is the measured one for the device and method (on this CPU: 2 for a draft, 4 for ngram); set, it wins
+    (env, file or keyword), and the value is a plain int the engine and the worker both read."""
+    from lkserve.config import DEFAULT_K, EngineSettings, device_kind
+
+    monkeypatch.delenv("LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS", raising=False)
+    kind = device_kind()
+    for method in ("draft_model", "eagle3", "ngram"):
+        assert EngineSettings(method=method).num_speculative_tokens == DEFAULT_K[kind][method]
+    if kind == "cpu":
+        assert (DEFAULT_K["cpu"]["draft_model"], DEFAULT_K["cpu"]["eagle3"], DEFAULT_K["cpu"]["ngram"]) == (2, 2, 4)
+    assert EngineSettings(method="eagle3", num_speculative_tokens=5).num_speculative_tokens == 5
+    assert load_settings().engine.num_speculative_tokens == DEFAULT_K[kind]["draft_model"]
+    monkeypatch.setenv("LKSERVE_ENGINE__NUM_SPECULATIVE_TOKENS", "3")
+    assert load_settings().engine.num_speculative_tokens == 3

@@ -127,6 +127,13 @@ def test_demo_starts_from_a_cached_bootstrap_and_reports_the_shift(tmp_path, tin
         if version == "bootstrap":  # the static draft against itself: the same figure
             assert row["alpha_version"] == row["alpha_static"]
     assert 0 <= shift["all"]["alpha_static"] <= 1
+    # the same comparison in 2-minute windows of the shifted traffic: every window's rows, static against itself
+    windows = shift["windows"]
+    assert windows and sum(w["rows"] for w in windows) == shift["all"]["rows"], (windows, shift["all"])
+    for w in windows:
+        assert w["tau_static"] >= 1 and w["tau_served"] >= 1 and set(w["versions"]) <= served
+        if not w["after_swap"]:
+            assert w["tau_served"] == w["tau_static"] and w["alpha_served"] == w["alpha_static"], w
 
     second, text = _run(["--minutes", "0.5"], tiny_env, tmp_path / "second")
     assert "bootstrapping the draft" not in text and "cached" in text, text[-3000:]

@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo = settings.demo.model_copy(update={k: v for k, v in flags.items() if v is not None})
     summary = run_demo(DemoConfig(minutes=args.minutes, clients=args.clients, temperature=args.temperature,
                                   max_tokens=args.max_tokens, port=args.port, seed=args.seed, out_dir=args.out,
-                                  method=args.draft), settings.model_copy(update={"demo": demo}))
+                                  method=args.draft, shift_at=args.shift_at), settings.model_copy(update={"demo": demo}))
     return 0 if summary["requests"] else 1
 
 
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole loop on this machine: embedded Redis, gateway, worker, traffic")
     demo.add_argument("--minutes", type=float, default=10.0, help="length of the traffic (default 10)")
     demo.add_argument("--clients", type=int, default=3, help="concurrent clients (default 3)")
+    demo.add_argument("--shift-at", type=float, default=0.5,
+                      help="fraction of the traffic after which it shifts from MT-bench to HumanEval (default 0.5)")
     demo.add_argument("--temperature", type=float, default=1.0)
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")

@@ -372,6 +372,7 @@ def shift_report(worker: Settings, static_version: str, phase: str = "HumanEval"
                       "served_acceptance": round(totals["accepted"] / max(1, totals["positions"]), 4),
                       "alpha_served_versions": round(totals["alpha_served_versions"] / totals["rows"], 4),
                       "alpha_static": round(totals["alpha_static"] / totals["rows"], 4), "rows": totals["rows"]}
+    out["windows"] = shift_windows(records, static, model, ops, static_version)
     held = [r for r in records if is_heldout(base_request_id(r.request_id), worker.trainer.heldout_fraction)]
     latest = registry.current()
     if held and latest and model(latest) is not None:
@@ -379,6 +380,50 @@ def shift_report(worker: Settings, static_version: str, phase: str = "HumanEval"
         out["heldout"] = {"records": len(held), "rows": a.rows, "latest_version": latest,
                           "alpha_latest": round(a.alpha_mean, 4), "alpha_static": round(b.alpha_mean, 4),
                           "tau_latest": round(a.tau, 3), "tau_static": round(b.tau, 3)}
+    return out
+
+
+def _pooled(results) -> tuple[float, float, int]:
+    """(alpha_mean, tau, rows) of several EvalResults pooled by their per-position counts."""
+    from lkserve.trainer.gate import chain_tau
+
+    k = max(len(r.count_per_position) for r in results)
+    num, den = [0.0] * k, [0] * k
+    for r in results:
+        for n, (a, c) in enumerate(zip(r.alpha_per_position, r.count_per_position)):
+            if c:
+                num[n] += a * c
+                den[n] += c
+    rows = sum(r.rows for r in results)
+    alpha = sum(r.alpha_mean * r.rows for r in results) / max(1, rows)
+    return alpha, chain_tau([x / d if d else float("nan") for x, d in zip(num, den)]), rows
+
+
+def shift_windows(records, static, model, ops, static_version: str, seconds: float = 120.0) -> list[dict]:
+    """The shifted traffic in `seconds`-long windows of capture time from its first record: in each, the versions
+    that served it (each on the records it served, all frozen before them) pooled, vs the static draft on the same
+    records. `after_swap`: the window holds traffic served by an adapted version (not the static one)."""
+    t0 = min(r.timestamp for r in records)
+    groups: dict[tuple[int, str], list] = {}
+    for r in records:
+        groups.setdefault((int((r.timestamp - t0) // seconds), r.draft_version), []).append(r)
+    out = []
+    for w in sorted({w for w, _ in groups}):
+        served, stat = [], []
+        for (gw, version), recs in groups.items():
+            m = model(version) if gw == w else None
+            if m is not None:
+                served.append(ops.evaluate(m, recs))
+                stat.append(ops.evaluate(static, recs))
+        if not served:
+            continue
+        (a_v, tau_v, rows), (a_s, tau_s, _) = _pooled(served), _pooled(stat)
+        versions = sorted({v for gw, v in groups if gw == w})
+        out.append({"window": w, "start_s": w * seconds, "rows": rows, "versions": versions,
+                    "after_swap": any(v != static_version for v in versions),
+                    "alpha_served": round(a_v, 4), "alpha_static": round(a_s, 4),
+                    "tau_served": round(tau_v, 3), "tau_static": round(tau_s, 3),
+                    "tau_ratio": round(tau_v / tau_s, 3)})
     return out
 
 
