@@ -249,8 +249,9 @@ class DemoSettings(BaseModel):
     cpu_split: Literal["worker_core", "shared"] = "worker_core"
     teacher_forcing: bool = Field(True, description="the demo's worker labels every position of the served "
                                   "contexts with the target (trainer.teacher_forcing)")
-    worker_lr: float | None = Field(None, gt=0, description="the demo worker's learning rate (None: trainer.lr); "
-                                    "the bootstrap keeps trainer.lr")
+    worker_lr: float | None = Field(None, gt=0, description="the demo worker's learning rate (None: a tenth of "
+                                    "trainer.lr from a bootstrapped draft, trainer.lr from the untrained one); the "
+                                    "bootstrap keeps trainer.lr")
 
 
 class Settings(BaseSettings):

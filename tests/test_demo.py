@@ -140,3 +140,22 @@ def test_demo_starts_from_a_cached_bootstrap_and_reports_the_shift(tmp_path, tin
     again = second["bootstrap"]
     assert again["cached"] is True and again["path"] == boot["path"] and again["sha256"] == boot["sha256"]
     assert second["timing"]["bootstrap_s"] < 10 and second["by_version"]["bootstrap"]["drafted"] > 0
+
+
+def test_demo_worker_fine_tunes_a_bootstrapped_draft_at_a_tenth_of_the_rate(tmp_path):
+    """The worker's learning rate: demo.worker_lr when set; else a tenth of trainer.lr from the bootstrapped draft,
+    trainer.lr (the method's default) from the untrained one."""
+    from lkserve.cli.demo import worker_settings
+    from lkserve.config import Settings
+
+    s = Settings(cache_dir=tmp_path)
+
+    def lr(settings, method, base):
+        w = worker_settings(settings, "redis://127.0.0.1:1/0", tmp_path, tmp_path, tmp_path, 0, method, base)
+        return w.trainer.lr_for(method)
+
+    assert lr(s, "draft_model", "bootstrap") == pytest.approx(3e-4)
+    assert lr(s, "eagle3", "bootstrap") == pytest.approx(1e-4)
+    assert lr(s, "draft_model", "base") == pytest.approx(3e-3)
+    set_lr = s.model_copy(update={"demo": s.demo.model_copy(update={"worker_lr": 5e-4})})
+    assert lr(set_lr, "draft_model", "bootstrap") == lr(set_lr, "draft_model", "base") == pytest.approx(5e-4)

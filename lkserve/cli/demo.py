@@ -117,6 +117,15 @@ class Child:
         self.log.close()
 
 
+def demo_worker_lr(settings: Settings, method: str, base_version: str) -> float | None:
+    """demo.worker_lr; unset: a tenth of trainer.lr when the worker fine-tunes the bootstrapped draft (at the full
+    rate its held-out alpha fell within 12 steps and nothing was published: docs/worker.md, "Fine-tuning a
+    bootstrapped draft"), None (trainer.lr) for the untrained one."""
+    if settings.demo.worker_lr:
+        return settings.demo.worker_lr
+    return settings.trainer.lr_for(method) / 10 if base_version == "bootstrap" else None
+
+
 def worker_settings(settings: Settings, redis_url: str, draft_dir: Path, target_dir: Path, out: Path,
                     metrics_port: int, method: str, base_version: str = "base", threads: int | None = None) -> Settings:
     """The worker's Settings, tuned for a short CPU demo: small steps, frequent held-out evaluation. An EAGLE-3 head's
@@ -129,7 +138,7 @@ def worker_settings(settings: Settings, redis_url: str, draft_dir: Path, target_
         "eval_every_steps": 4, "gate_min_rows": 128, "checkpoint_every_steps": 20, "metrics_port": metrics_port,
         "public_url": f"http://127.0.0.1:{metrics_port}", "base_version": base_version,
         "teacher_forcing": settings.demo.teacher_forcing,
-        **({"lr": settings.demo.worker_lr} if settings.demo.worker_lr else {}),
+        **({"lr": lr} if (lr := demo_worker_lr(settings, method, base_version)) else {}),
         **({"threads": threads} if threads else {}), **per_method})
     engine = settings.engine.model_copy(update={"method": method, "draft_model": str(draft_dir),
                                                 "target_model": str(target_dir)})
