@@ -48,6 +48,12 @@ def stats(xs: list[float]) -> dict:
             "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
 
 
+def _mean_or_none(values) -> float | None:
+    """Mean over the runs that had rows at this draft position (None: a position no run reached)."""
+    xs = [v for v in values if v is not None]
+    return statistics.fmean(xs) if xs else None
+
+
 def summarise(runs: list[dict], losses: list[str]) -> dict:
     out: dict = {}
     for loss in losses:
@@ -55,7 +61,7 @@ def summarise(runs: list[dict], losses: list[str]) -> dict:
         if rs:
             out[loss] = {"heldout_alpha": stats([r["after"]["alpha_mean"] for r in rs]),
                          "heldout_tau": stats([r["after"]["tau"] for r in rs]),
-                         "alpha_per_position_mean": [statistics.fmean(r["after"]["alpha_per_position"][n] for r in rs)
+                         "alpha_per_position_mean": [_mean_or_none(r["after"]["alpha_per_position"][n] for r in rs)
                                                      for n in range(len(rs[0]["after"]["alpha_per_position"]))],
                          "train_seconds": stats([r["train_seconds"] for r in rs])}
     if len(losses) == 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from lkserve.trainer.examples import build_batch, split_by_positions
-from lkserve.trainer.gate import Gate, chain_tau, evaluate
+from lkserve.trainer.gate import Gate, chain_tau, evaluate, summarise
 from lkserve.trainer.train import DraftTrainer, load_draft, row_logits
 from tests.test_trainer_data import make_records, shuffled
 
@@ -67,6 +68,19 @@ def test_gate_alpha_equals_dense_when_k_is_vocab(tiny, recs_full_vocab):
         assert res.alpha_per_position[n] == pytest.approx(float(dense[batch.draft_position == n].mean()), abs=1e-5)
     assert res.alpha_mean == pytest.approx(float(dense.mean()), abs=1e-5)
     assert res.tau == pytest.approx(chain_tau(res.alpha_per_position))
+
+
+def test_an_evaluation_with_an_unreached_position_survives_a_save_and_reload(tmp_path):
+    """A draft position with no held-out rows is NaN in the result but None in its dict, so the dict is valid JSON
+    and a bootstrap resumed from its saved state compares equal to the uninterrupted run (NaN != NaN)."""
+    res = summarise(torch.tensor([0.2, 0.4, 0.1]), torch.tensor([0, 0, 1]), num_positions=3)
+    assert math.isnan(res.alpha_per_position[2]) and res.count_per_position == [2, 1, 0]
+    d = res.as_dict()
+    assert d["alpha_per_position"] == [pytest.approx(0.3), pytest.approx(0.1), None]
+    json.dumps(d, allow_nan=False)
+    torch.save(d, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt") == d
+    assert chain_tau(d["alpha_per_position"]) == pytest.approx(res.tau)
 
 
 def test_chain_tau():

@@ -35,8 +35,10 @@ class EvalResult:
     tau: float  # chain formula, NaN positions treated as 0 (no evidence -> no credit)
 
     def as_dict(self) -> dict:
+        """JSON-safe (None, not NaN, at a position with no rows), so a saved and reloaded result compares equal."""
+        alphas = [None if math.isnan(a) else a for a in self.alpha_per_position]
         return {"alpha_mean": self.alpha_mean, "tau": self.tau, "rows": self.rows,
-                "alpha_per_position": self.alpha_per_position, "count_per_position": self.count_per_position}
+                "alpha_per_position": alphas, "count_per_position": self.count_per_position}
 
 
 def chain_tau(alpha_per_position) -> float:
