@@ -77,9 +77,11 @@ class EngineSettings(BaseModel):
     seed: int = 0
     # K by measurement (lkserve/engine/spec_k.py, docs/engine.md "Choosing K"): the gateway exports the K that
     # maximises E[tokens | K] / cost(K) from the last `k_window_steps` steps' acceptance per position
-    # (lkserve_spec_recommended_k); adaptive_k applies it, capped at num_speculative_tokens, at each draft swap.
+    # (lkserve_spec_recommended_k); adaptive_k applies it, capped at num_speculative_tokens, at each draft swap and
+    # every k_interval_steps verification steps in between.
     adaptive_k: bool = Field(False, description="apply the recommended K (<= num_speculative_tokens) at each "
-                             "draft swap")
+                             "draft swap and every k_interval_steps steps")
+    k_interval_steps: int = Field(250, ge=1, description="verification steps between two adaptive_k decisions")
     k_window_steps: int = Field(2000, ge=1, description="recent verification steps the recommended K reads")
     k_min_drafted: int = Field(50, ge=1, description="drafts a position needs before its acceptance counts")
     k_decay: float = Field(1.0, ge=0.0, le=1.0, description="alpha beyond the measured positions: the last "

@@ -1,5 +1,5 @@
 """Lowering K on a running engine (real vLLM, tiny models): at most K drafts per step, still lossless, and
-engine.adaptive_k applies the K policy's choice at a draft swap."""
+engine.adaptive_k applies the K policy's choice at a draft swap and every k_interval_steps steps in between."""
 
 from __future__ import annotations
 
@@ -92,3 +92,32 @@ def test_adaptive_k_follows_the_acceptance_at_each_swap(spec_engine, restore_k):
     res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["random"]), "random-kpolicy-2"))
     assert res.ok and res.spec_k == K, res
     print(f"swap target -> random: {res.k_reason}")
+
+
+async def _settled(engine) -> int | None:
+    """The K drafted once the adaptive_k decision in flight (if any) is done."""
+    if engine._k_task is not None:
+        await engine._k_task
+    return engine.spec_k
+
+
+def test_adaptive_k_follows_the_acceptance_between_swaps(spec_engine, restore_k):
+    """No swap needed: every k_interval_steps steps the serving version's own recent acceptance sets K, down for a
+    draft that does not pay, back up for one that does (positions above K extrapolated from the measured ones)."""
+    engine = spec_engine.engine
+    prompts = prompt_ids(spec_engine, 8)
+    t1 = [(p, _sp(temperature=1.0, max_tokens=32, seed=i)) for i, p in enumerate(prompts)]
+    policy = {"k_interval_steps": 20, "k_min_drafted": 50, "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}}
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": False, **policy})
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["random"]), "random-between"))
+    assert res.ok and engine.spec_k == K, res
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": True})
+    [spec_engine.generate(*job) for job in t1]  # one at a time, so decisions fall between requests; random draft: acceptance ~0, so K=1 (speedup < 1: nothing better at run time)
+    assert spec_engine.run(_settled(engine)) == 1
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["target"]), "target-between"))
+    assert res.ok and res.spec_k == 1, res  # adaptive_k off: the swap leaves K alone
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": True})
+    got = [spec_engine.generate(*job) for job in t1]  # copy draft: position 0 accepted ~always -> K back to the configured 4
+    assert spec_engine.run(_settled(engine)) == K
+    assert got[0].spec.per_position_drafted[1] == 0 and any(r.spec.per_position_drafted[K - 1] for r in got)

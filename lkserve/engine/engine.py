@@ -106,6 +106,8 @@ class Engine:
         self._stopping: str | None = None  # why requests are refused / were aborted (abort_all)
         # K drafted per step now: the configured K until set_spec_k lowers it (None: no speculation)
         self.spec_k: int | None = settings.num_speculative_tokens if settings.method != "none" else None
+        self._steps_since_k = 0  # verification steps since adaptive_k last looked (k_interval_steps)
+        self._k_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @classmethod
@@ -149,6 +151,8 @@ class Engine:
             return
         self._closed = True
         self._stopping = self._stopping or "the engine was shut down"
+        if self._k_task is not None:  # an adaptive_k RPC in flight finishes before vLLM goes
+            await asyncio.gather(self._k_task, return_exceptions=True)
         va.shutdown_async_llm(self._llm)
         await asyncio.sleep(0)
 
@@ -199,6 +203,8 @@ class Engine:
                     finish_reason = c.finish_reason
                     num_prompt = len(out.prompt_token_ids or prompt_token_ids)
                     metrics.observe_spec(self.draft_version, spec)
+                    if spec is not None and self.settings.adaptive_k:
+                        self._maybe_adapt_k(spec.steps)
                 yield GenerationChunk(
                     request_id=request_id,
                     token_ids=ids,
@@ -298,8 +304,26 @@ class Engine:
             self.spec_k = results[0]["k"]
         return bad[0] if bad else results[0]
 
+    def _maybe_adapt_k(self, steps: int) -> None:
+        """adaptive_k between swaps: every k_interval_steps verification steps, apply the K the serving version's
+        recent traffic recommends, in a task of its own (no stream waits on the RPC). So a static draft follows a
+        shift of traffic too, not only a draft the worker replaces."""
+        self._steps_since_k += steps
+        busy = self._k_task is not None and not self._k_task.done()
+        if busy or self._steps_since_k < self.settings.k_interval_steps or self._stopping:
+            return
+        self._steps_since_k = 0
+        self._k_task = asyncio.create_task(self._adapt_k_now(self.draft_version))
+
+    async def _adapt_k_now(self, version: str | None) -> None:
+        async with self._swap_lock:  # a swap applies its own choice; this one must not interleave with it
+            if version == self.draft_version:
+                reason = await self._apply_recommended_k(version)
+                logger.debug("lkserve: adaptive K: %s", reason)
+
     async def _apply_recommended_k(self, version: str | None) -> str:
-        """At a swap (adaptive_k): the K the outgoing version's recent traffic recommends, for the incoming one."""
+        """adaptive_k: the K `version`'s recent traffic recommends (at a swap: the outgoing version's, for the
+        incoming one)."""
         choice = self.recommended_k(version)
         if choice is None:
             return "K kept: too few recent drafts to recommend one"
@@ -311,7 +335,8 @@ class Engine:
             return f"K not applied: {e!r}"
         if not r.get("ok"):
             return f"K not applied: {r.get('reason')}"
-        logger.info("lkserve: K -> %d at the swap from %s (expected speedup %.2f)", choice.k, version, choice.speedup)
+        logger.info("lkserve: K -> %d from %s's recent acceptance (expected speedup %.2f)", choice.k, version,
+                    choice.speedup)
         return f"K set to {choice.k} (expected speedup {choice.speedup:.2f})"
 
     async def draft_info(self) -> dict:

@@ -1,0 +1,191 @@
+"""Adaptive K against every static K, on the same shifted traffic (issue 19): one engine per draft kind, started
+at K = --k-max, serving chat (held-out MT-bench first turns) and then code (held-out HumanEval stubs) one request at
+a time, once per arm: K = 1..k_max held fixed (`Engine.set_spec_k`), and `engine.adaptive_k` (starting at k_max,
+re-deciding every --interval verification steps from the last --window steps, the product's policy and its
+default step-cost model, lkserve/engine/spec_k.py). T=0, so every arm emits the same tokens: only the steps
+they take and what a step costs differ. Arms run in turn, their order rotated each round.
+
+Each arm serves under a draft version of its own (the same weights swapped in under a new name), so the K
+policy's window starts empty for it, as it does for a version the worker publishes.
+
+Per arm and phase: tokens/s (wall clock), tokens per engine-CPU-second (less sensitive to other jobs on a shared
+machine), steps, acceptance per position, and for the adaptive arm the K it drafted at each request's start.
+`analysis`: the best static K over the whole shifted run and per phase, and the adaptive arm over them.
+
+Run: flock /tmp/lkserve-engine.lock .venv/bin/python bench/adaptive_k.py [--methods eagle3 draft_model]
+     [--draft eagle3=DIR] [--k-max 4] [--prompts 6] [--max-tokens 96] [--rounds 2] [--window 300]
+     [--interval 100] > bench/results/adaptive_k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from k_sweep import engine_cpu_seconds, log, merge, with_steps  # noqa: E402
+
+PHASES = ("chat", "code")
+
+
+def phase_prompts(target: str, n: int) -> dict[str, list[list[int]]]:
+    """The first n held-out prompts of each domain of the bootstrap split (never bootstrapped on)."""
+    from transformers import AutoTokenizer
+
+    from lkserve.trainer import bootstrap
+
+    tok = AutoTokenizer.from_pretrained(target)
+    _, held = bootstrap.split_prompts(bootstrap.prompt_texts(), 0.2, 0)
+    chat = [t for k, t in held if k.startswith("mtbench/")][:n]
+    code = [t for k, t in held if not k.startswith("mtbench/")][:n]
+    return {"chat": [bootstrap.encode(tok, t, 256) for t in chat], "code": [bootstrap.encode(tok, t, 256) for t in code]}
+
+
+async def serve_phase(engine, prompts, sp, tag: str, k_max: int) -> dict:
+    """One request at a time (1 stream); counts as k_sweep.run_one_stream, plus the K drafted at each start."""
+    import time
+
+    tokens, drafted, accepted, ks = 0, [0] * k_max, [0] * k_max, []
+    c0, t0 = engine_cpu_seconds(), time.perf_counter()
+    for i, ids in enumerate(prompts):
+        ks.append(engine.spec_k)
+        async for ch in engine.generate(ids, sp, f"{tag}-{i}", capture=False):
+            if ch.finished:
+                tokens += ch.num_output_tokens
+                for j in range(min(k_max, len(ch.spec.per_position_drafted))):
+                    drafted[j] += ch.spec.per_position_drafted[j]
+                    accepted[j] += ch.spec.per_position_accepted[j]
+    seconds = time.perf_counter() - t0
+    return with_steps({"tokens": tokens, "seconds": round(seconds, 3), "engine_cpu_seconds":
+                       round(engine_cpu_seconds() - c0, 3), "drafted_per_position": drafted,
+                       "accepted_per_position": accepted, "k_at_request_start": ks})
+
+
+async def run_arm(engine, draft_dir: str, arm: str, prompts: dict, sp, args, tag: str) -> dict:
+    """Swap the draft in as version `tag` (adaptive_k off for the swap), set the arm's K, serve both phases."""
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
+    res = await engine.swap_draft(draft_dir, tag)
+    assert res.ok, res
+    k = args.k_max if arm == "adaptive" else int(arm[1:])
+    assert (await engine.set_spec_k(k))["ok"]
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": arm == "adaptive"})
+    out = {p: await serve_phase(engine, prompts[p], sp, f"{tag}-{p}", args.k_max) for p in PHASES}
+    if engine._k_task is not None:  # a decision still in flight belongs to this arm
+        await engine._k_task
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
+    return out
+
+
+async def sweep(method: str, draft_dir: Path, target_dir: Path, prompts: dict, args) -> dict:
+    from lkserve.config import CaptureSettings, EngineSettings
+    from lkserve.engine.engine import Engine, sampling_params
+    from lkserve.metrics import serving
+
+    serving.set_window(args.window)
+    settings = EngineSettings(target_model=str(target_dir), draft_model=str(draft_dir), method=method,
+                              num_speculative_tokens=args.k_max, k_window_steps=args.window,
+                              k_interval_steps=args.interval)  # serve's defaults otherwise
+    engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
+    arms = [f"K{k}" for k in range(1, args.k_max + 1)] + ["adaptive"]
+    sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    out: dict[str, dict] = {}
+    try:
+        await serve_phase(engine, prompts["chat"][:1], sampling_params(max_tokens=8, temperature=0.0), "warm",
+                          args.k_max)
+        for rnd in range(args.rounds):
+            for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+                r = await run_arm(engine, str(draft_dir), arm, prompts, sp, args, f"{method}-{arm}-r{rnd}")
+                log(method, arm, f"round {rnd}", {p: (r[p]["tokens_per_s"], r[p]["k_at_request_start"])
+                                                  for p in PHASES})
+                acc = out.setdefault(arm, {})
+                for p in PHASES:
+                    ks = acc.get(p, {}).get("k_at_request_start", []) + r[p]["k_at_request_start"]
+                    acc[p] = {**merge(acc.get(p), r[p]), "k_at_request_start": ks}
+        for arm, phases in out.items():
+            both = merge(merge(None, phases["chat"]), phases["code"])
+            phases["all"] = {k: v for k, v in both.items() if k != "round_seconds"}
+        return out
+    finally:
+        await engine.shutdown()
+
+
+def analyse(arms: dict) -> dict:
+    """Per basis (wall tokens/s; tokens per engine-CPU-second): best static K overall and per phase, the oracle
+    that switches to each phase's best K at the shift, and the adaptive arm over the best static K."""
+    out = {}
+    for basis, key in (("wall", "tokens_per_s"), ("cpu", "tokens_per_cpu_s")):
+        static = {a: r for a, r in arms.items() if a != "adaptive"}
+        b = {}
+        for p in (*PHASES, "all"):
+            best = max(static, key=lambda a: static[a][p][key])
+            b[p] = {"best_static": best, "best_static_rate": static[best][p][key],
+                    "rate_by_arm": {a: r[p][key] for a, r in arms.items()}}
+            if "adaptive" in arms:
+                b[p]["adaptive_over_best_static"] = round(arms["adaptive"][p][key] / static[best][p][key], 3)
+        # seconds if each phase ran at its own best static K (what no single static K can do)
+        oracle_s = sum(static[b[p]["best_static"]][p]["tokens"] / static[b[p]["best_static"]][p][key]
+                       for p in PHASES)
+        b["oracle_switching_rate"] = round(arms[b["all"]["best_static"]]["all"]["tokens"] / oracle_s, 2)
+        out[basis] = b
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", nargs="+", default=["eagle3"], choices=["draft_model", "eagle3"])
+    ap.add_argument("--draft", action="append", default=[], metavar="KIND=DIR",
+                    help="serve this draft for KIND (e.g. a bootstrapped version) instead of the demo's bootstrap")
+    ap.add_argument("--k-max", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=6, help="per phase")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--window", type=int, default=300, help="engine.k_window_steps")
+    ap.add_argument("--interval", type=int, default=100, help="engine.k_interval_steps")
+    ap.add_argument("--out", help="also write the JSON here after each method")
+    args = ap.parse_args()
+    from lkserve.cli.bench_io import json_stdout
+
+    json_out = json_stdout()  # vLLM's child processes log to fd 1
+    from lkserve.config import EngineSettings, default_cache_dir
+    from lkserve.engine.spec_k import cost_for
+    from lkserve.models.prepare import prepare_default_models
+
+    cache = default_cache_dir()
+    target_dir, _ = prepare_default_models(cache)
+    given = dict(d.split("=", 1) for d in args.draft)
+    prompts = phase_prompts(str(target_dir), args.prompts)
+    defaults = EngineSettings()
+    out = {"config": {"target": target_dir.name, "k_max": args.k_max, "prompts_per_phase": args.prompts,
+                      "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "rounds": args.rounds,
+                      "phases": "chat (held-out MT-bench first turns), then code (held-out HumanEval stubs)",
+                      "k_window_steps": args.window, "k_interval_steps": args.interval,
+                      "k_min_drafted": defaults.k_min_drafted, "dtype": defaults.dtype, "layout": defaults.layout,
+                      "enforce_eager": defaults.enforce_eager, "capture": False, "drafts": {}, "step_cost_ms": {}},
+           "methods": {}}
+    for method in args.methods:
+        draft = Path(os.path.expanduser(given[method])) if method in given else None
+        if draft is None:
+            boots = sorted((cache / "demo" / "bootstrap").glob(f"{method}-*/drafts/v0001"))
+            if not boots:
+                sys.exit(f"no bootstrapped {method} draft in {cache}/demo/bootstrap: run `lkserve demo` once or "
+                         f"pass --draft {method}=DIR")
+            draft = boots[-1]
+        cost = cost_for(EngineSettings(method=method, draft_model=str(draft), target_model=str(target_dir)))
+        out["config"]["drafts"][method] = str(draft)
+        out["config"]["step_cost_ms"][method] = {"c0": cost.c0, "c_draft": cost.c_draft, "c_verify": cost.c_verify}
+        arms = asyncio.run(sweep(method, draft, target_dir, prompts, args))
+        out["methods"][method] = {"arms": arms, "analysis": analyse(arms)}
+        if args.out:  # what is done so far survives a timeout
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1), file=json_out)
+
+
+if __name__ == "__main__":
+    main()
