@@ -5,14 +5,16 @@ re-deciding every --interval verification steps from the last --window steps, th
 default step-cost model, lkserve/engine/spec_k.py). T=0, so every arm emits the same tokens: only the steps
 they take and what a step costs differ. Arms run in turn, their order rotated each round.
 
-Each arm serves under a draft version of its own (the same weights swapped in under a new name), so the K
-policy's window starts empty for it, as it does for a version the worker publishes.
+Each arm serves under a draft version of its own (the same weights swapped in under a new name; ngram, which has
+no weights, takes the label alone), so the K policy's window starts empty for it, as it does for a version the
+worker publishes.
 
 Per arm and phase: tokens/s (wall clock), tokens per engine-CPU-second (less sensitive to other jobs on a shared
 machine), steps, acceptance per position, and for the adaptive arm the K it drafted at each request's start.
-`analysis`: the best static K over the whole shifted run and per phase, and the adaptive arm over them.
+`analysis`: the best static K over the whole shifted run and per phase, the adaptive arm over them, and every
+arm over the same traffic served without speculation (its own engine, first, --rounds times).
 
-Run: flock /tmp/lkserve-engine.lock .venv/bin/python bench/adaptive_k.py [--methods eagle3 draft_model]
+Run: flock /tmp/lkserve-engine.lock .venv/bin/python bench/adaptive_k.py [--methods eagle3 draft_model ngram]
      [--draft eagle3=DIR] [--k-max 4] [--prompts 6] [--max-tokens 96] [--rounds 2] [--window 300]
      [--interval 100] > bench/results/adaptive_k.json
 """
@@ -68,11 +70,14 @@ async def serve_phase(engine, prompts, sp, tag: str, k_max: int) -> dict:
                        "accepted_per_position": accepted, "k_at_request_start": ks})
 
 
-async def run_arm(engine, draft_dir: str, arm: str, prompts: dict, sp, args, tag: str) -> dict:
+async def run_arm(engine, draft_dir: str | None, arm: str, prompts: dict, sp, args, tag: str) -> dict:
     """Swap the draft in as version `tag` (adaptive_k off for the swap), set the arm's K, serve both phases."""
     engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
-    res = await engine.swap_draft(draft_dir, tag)
-    assert res.ok, res
+    if draft_dir is None:  # ngram: no weights to swap; the version label alone gives the arm a window of its own
+        engine.draft_version = tag
+    else:
+        res = await engine.swap_draft(draft_dir, tag)
+        assert res.ok, res
     k = args.k_max if arm == "adaptive" else int(arm[1:])
     assert (await engine.set_spec_k(k))["ok"]
     engine.settings = engine.settings.model_copy(update={"adaptive_k": arm == "adaptive"})
@@ -83,13 +88,13 @@ async def run_arm(engine, draft_dir: str, arm: str, prompts: dict, sp, args, tag
     return out
 
 
-async def sweep(method: str, draft_dir: Path, target_dir: Path, prompts: dict, args) -> dict:
+async def sweep(method: str, draft_dir: Path | None, target_dir: Path, prompts: dict, args) -> dict:
     from lkserve.config import CaptureSettings, EngineSettings
     from lkserve.engine.engine import Engine, sampling_params
     from lkserve.metrics import serving
 
     serving.set_window(args.window)
-    settings = EngineSettings(target_model=str(target_dir), draft_model=str(draft_dir), method=method,
+    settings = EngineSettings(target_model=str(target_dir), draft_model=draft_dir and str(draft_dir), method=method,
                               num_speculative_tokens=args.k_max, k_window_steps=args.window,
                               k_interval_steps=args.interval)  # serve's defaults otherwise
     engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
@@ -101,7 +106,8 @@ async def sweep(method: str, draft_dir: Path, target_dir: Path, prompts: dict, a
                           args.k_max)
         for rnd in range(args.rounds):
             for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
-                r = await run_arm(engine, str(draft_dir), arm, prompts, sp, args, f"{method}-{arm}-r{rnd}")
+                r = await run_arm(engine, draft_dir and str(draft_dir), arm, prompts, sp, args,
+                                  f"{method}-{arm}-r{rnd}")
                 log(method, arm, f"round {rnd}", {p: (r[p]["tokens_per_s"], r[p]["k_at_request_start"])
                                                   for p in PHASES})
                 acc = out.setdefault(arm, {})
@@ -116,7 +122,30 @@ async def sweep(method: str, draft_dir: Path, target_dir: Path, prompts: dict, a
         await engine.shutdown()
 
 
-def analyse(arms: dict) -> dict:
+async def no_speculation(target_dir: Path, prompts: dict, args) -> dict:
+    """The same traffic without speculation, args.rounds times (the baseline every arm's speedup is over)."""
+    from lkserve.config import CaptureSettings, EngineSettings
+    from lkserve.engine.engine import Engine, sampling_params
+
+    engine = await Engine.create(EngineSettings(target_model=str(target_dir), method="none"),
+                                 CaptureSettings(enabled=False), in_process=True)
+    sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    out: dict[str, dict] = {}
+    try:
+        await serve_phase(engine, prompts["chat"][:1], sampling_params(max_tokens=8, temperature=0.0), "warm", 1)
+        for rnd in range(args.rounds):
+            for p in PHASES:
+                r = await serve_phase(engine, prompts[p], sp, f"none-{p}-r{rnd}", 1)
+                out[p] = merge(out.get(p), r)
+            log("none", f"round {rnd}", {p: out[p]["tokens_per_s"] for p in PHASES})
+        both = merge(merge(None, out["chat"]), out["code"])
+        out["all"] = {k: v for k, v in both.items() if k != "round_seconds"}
+        return out
+    finally:
+        await engine.shutdown()
+
+
+def analyse(arms: dict, none: dict | None = None) -> dict:
     """Per basis (wall tokens/s; tokens per engine-CPU-second): best static K overall and per phase, the oracle
     that switches to each phase's best K at the shift, and the adaptive arm over the best static K."""
     out = {}
@@ -129,6 +158,8 @@ def analyse(arms: dict) -> dict:
                     "rate_by_arm": {a: r[p][key] for a, r in arms.items()}}
             if "adaptive" in arms:
                 b[p]["adaptive_over_best_static"] = round(arms["adaptive"][p][key] / static[best][p][key], 3)
+            if none is not None:
+                b[p]["over_no_speculation"] = {a: round(r[p][key] / none[p][key], 3) for a, r in arms.items()}
         # seconds if each phase ran at its own best static K (what no single static K can do)
         oracle_s = sum(static[b[p]["best_static"]][p]["tokens"] / static[b[p]["best_static"]][p][key]
                        for p in PHASES)
@@ -139,7 +170,7 @@ def analyse(arms: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", nargs="+", default=["eagle3"], choices=["draft_model", "eagle3"])
+    ap.add_argument("--methods", nargs="+", default=["eagle3"], choices=["draft_model", "eagle3", "ngram"])
     ap.add_argument("--draft", action="append", default=[], metavar="KIND=DIR",
                     help="serve this draft for KIND (e.g. a bootstrapped version) instead of the demo's bootstrap")
     ap.add_argument("--k-max", type=int, default=4)
@@ -148,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--window", type=int, default=300, help="engine.k_window_steps")
     ap.add_argument("--interval", type=int, default=100, help="engine.k_interval_steps")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run without speculation")
     ap.add_argument("--out", help="also write the JSON here after each method")
     args = ap.parse_args()
     from lkserve.cli.bench_io import json_stdout
@@ -169,19 +201,23 @@ def main() -> None:
                       "k_min_drafted": defaults.k_min_drafted, "dtype": defaults.dtype, "layout": defaults.layout,
                       "enforce_eager": defaults.enforce_eager, "capture": False, "drafts": {}, "step_cost_ms": {}},
            "methods": {}}
+    none = None
+    if not args.no_baseline:
+        none = asyncio.run(no_speculation(target_dir, prompts, args))
+        out["methods"]["none"] = {"arms": {"none": none}}
     for method in args.methods:
         draft = Path(os.path.expanduser(given[method])) if method in given else None
-        if draft is None:
+        if draft is None and method != "ngram":
             boots = sorted((cache / "demo" / "bootstrap").glob(f"{method}-*/drafts/v0001"))
             if not boots:
                 sys.exit(f"no bootstrapped {method} draft in {cache}/demo/bootstrap: run `lkserve demo` once or "
                          f"pass --draft {method}=DIR")
             draft = boots[-1]
-        cost = cost_for(EngineSettings(method=method, draft_model=str(draft), target_model=str(target_dir)))
-        out["config"]["drafts"][method] = str(draft)
+        cost = cost_for(EngineSettings(method=method, draft_model=draft and str(draft), target_model=str(target_dir)))
+        out["config"]["drafts"][method] = draft and str(draft)
         out["config"]["step_cost_ms"][method] = {"c0": cost.c0, "c_draft": cost.c_draft, "c_verify": cost.c_verify}
         arms = asyncio.run(sweep(method, draft, target_dir, prompts, args))
-        out["methods"][method] = {"arms": arms, "analysis": analyse(arms)}
+        out["methods"][method] = {"arms": arms, "analysis": analyse(arms, none)}
         if args.out:  # what is done so far survives a timeout
             Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1), file=json_out)

@@ -160,3 +160,25 @@ def test_bootstrap_losses_summary_pairs_seeds():
     assert d["tau"]["values"] == pytest.approx([0.05, 0.01])
     assert d["tau"]["mean"] == pytest.approx(0.03) and d["tau"]["std"] == pytest.approx(0.0283, abs=1e-4)
     assert s["kl"]["alpha_per_position_mean"] == pytest.approx([0.1825, 0.09125])
+
+
+def test_adaptive_k_analysis_finds_the_best_static_k_per_phase_and_the_switching_oracle():
+    ak = _load("adaptive_k")
+
+    def row(chat_rate, code_rate):  # 100 tokens per phase
+        phases = {"chat": {"tokens": 100, "tokens_per_s": chat_rate, "tokens_per_cpu_s": chat_rate / 2},
+                  "code": {"tokens": 100, "tokens_per_s": code_rate, "tokens_per_cpu_s": code_rate / 2}}
+        phases["all"] = {"tokens": 200, "tokens_per_s": 200 / (100 / chat_rate + 100 / code_rate),
+                         "tokens_per_cpu_s": 100 / (100 / chat_rate + 100 / code_rate)}
+        return phases
+
+    # K1 best on chat, K3 best on code; K2 best overall; adaptive switches
+    arms = {"K1": row(10, 4), "K2": row(8, 8), "K3": row(4, 10), "adaptive": row(9.5, 9.5)}
+    none = row(10, 5)
+    out = ak.analyse(arms, none)["wall"]
+    assert (out["chat"]["best_static"], out["code"]["best_static"], out["all"]["best_static"]) == ("K1", "K3", "K2")
+    assert out["all"]["adaptive_over_best_static"] == pytest.approx(9.5 / 8, abs=1e-3)
+    assert out["chat"]["adaptive_over_best_static"] == 0.95
+    assert out["oracle_switching_rate"] == 10.0  # 200 tokens in 10 s + 10 s
+    assert out["code"]["over_no_speculation"] == {"K1": 0.8, "K2": 1.6, "K3": 2.0, "adaptive": 1.9}
+    assert ak.analyse(arms, none)["cpu"]["oracle_switching_rate"] == 5.0

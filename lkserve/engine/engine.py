@@ -107,6 +107,7 @@ class Engine:
         # K drafted per step now: the configured K until set_spec_k lowers it (None: no speculation)
         self.spec_k: int | None = settings.num_speculative_tokens if settings.method != "none" else None
         self._steps_since_k = 0  # verification steps since adaptive_k last looked (k_interval_steps)
+        self._k_version: str | None = None  # the last version adaptive_k has decided for from its own traffic
         self._k_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -288,8 +289,8 @@ class Engine:
         """The K policy's choice from `version`'s (default: the serving one's) recent acceptance per position and
         the step-cost model (lkserve/engine/spec_k.py); None until it has enough drafts."""
         cost = spec_k.cost_for(self.settings)
-        version = version or self.draft_version
-        if cost is None or version is None:
+        version = version or self.draft_version or "unknown"  # the label observe_spec counts under
+        if cost is None:
             return None
         _, drafted, accepted = metrics.recent_position_counts(version)
         return spec_k.choose_k_from_counts(drafted, accepted, cost, self.settings.num_speculative_tokens,
@@ -305,12 +306,14 @@ class Engine:
         return bad[0] if bad else results[0]
 
     def _maybe_adapt_k(self, steps: int) -> None:
-        """adaptive_k between swaps: every k_interval_steps verification steps, apply the K the serving version's
-        recent traffic recommends, in a task of its own (no stream waits on the RPC). So a static draft follows a
-        shift of traffic too, not only a draft the worker replaces."""
+        """adaptive_k between swaps: apply the K the serving version's recent traffic recommends as soon as it has
+        enough drafts to recommend one, then every k_interval_steps verification steps, in a task of its own (no
+        stream waits on the RPC). So a static draft follows a shift of traffic too, not only a draft the worker
+        replaces."""
         self._steps_since_k += steps
         busy = self._k_task is not None and not self._k_task.done()
-        if busy or self._steps_since_k < self.settings.k_interval_steps or self._stopping:
+        first = self._k_version != self.draft_version
+        if busy or self._stopping or (not first and self._steps_since_k < self.settings.k_interval_steps):
             return
         self._steps_since_k = 0
         self._k_task = asyncio.create_task(self._adapt_k_now(self.draft_version))
@@ -318,6 +321,8 @@ class Engine:
     async def _adapt_k_now(self, version: str | None) -> None:
         async with self._swap_lock:  # a swap applies its own choice; this one must not interleave with it
             if version == self.draft_version:
+                if self.recommended_k(version) is not None:
+                    self._k_version = version  # its first decision: the next ones every k_interval_steps
                 reason = await self._apply_recommended_k(version)
                 logger.debug("lkserve: adaptive K: %s", reason)
 
