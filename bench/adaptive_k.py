@@ -61,7 +61,7 @@ async def serve_phase(engine, prompts, sp, tag: str, k_max: int) -> dict:
         async for ch in engine.generate(ids, sp, f"{tag}-{i}", capture=False):
             if ch.finished:
                 tokens += ch.num_output_tokens
-                for j in range(min(k_max, len(ch.spec.per_position_drafted))):
+                for j in range(min(k_max, len(ch.spec.per_position_drafted) if ch.spec else 0)):
                     drafted[j] += ch.spec.per_position_drafted[j]
                     accepted[j] += ch.spec.per_position_accepted[j]
     seconds = time.perf_counter() - t0
