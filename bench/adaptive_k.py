@@ -1,16 +1,20 @@
 """Adaptive K against every static K, on the same shifted traffic (issue 19): one engine per draft kind, started
 at K = --k-max, serving chat (held-out MT-bench first turns) and then code (held-out HumanEval stubs) one request at
 a time, once per arm: K = 1..k_max held fixed (`Engine.set_spec_k`), and `engine.adaptive_k` (starting at k_max,
-re-deciding every --interval verification steps from the last --window steps, the product's policy and its
-default step-cost model, lkserve/engine/spec_k.py). T=0, so every arm emits the same tokens: only the steps
-they take and what a step costs differ. Arms run in turn, their order rotated each round.
+re-deciding every --interval verification steps from the last --window steps, the product's policy,
+lkserve/engine/spec_k.py) twice: `adaptive` prices K by the engine's own measured step times and probes an
+unmeasured neighbouring K (engine.k_cost_online and k_probe, the defaults), `adaptive_prior` by the default
+step-cost model alone. Both start cold: the worker forgets its step times at the arm's start, so the static arms'
+steps do not inform them. T=0, so every arm emits the same tokens: only the steps they take and what a step costs
+differ. Arms run in turn, their order rotated each round.
 
 Each arm serves under a draft version of its own (the same weights swapped in under a new name; ngram, which has
 no weights, takes the label alone), so the K policy's window starts empty for it, as it does for a version the
 worker publishes.
 
 Per arm and phase: tokens/s (wall clock), tokens per engine-CPU-second (less sensitive to other jobs on a shared
-machine), steps, acceptance per position, and for the adaptive arm the K it drafted at each request's start.
+machine), steps, acceptance per position, and for the adaptive arms the K drafted at each request's start (and
+the measured step costs at the arm's end).
 `analysis`: the best static K over the whole shifted run and per phase, the adaptive arm over them, and every
 arm over the same traffic served without speculation (its own engine, first, --rounds times).
 
@@ -32,7 +36,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from k_sweep import engine_cpu_seconds, log, merge, with_steps  # noqa: E402
+from k_sweep import engine_cpu_seconds, log, merge, with_steps
 
 PHASES = ("chat", "code")
 
@@ -78,12 +82,18 @@ async def run_arm(engine, draft_dir: str | None, arm: str, prompts: dict, sp, ar
     else:
         res = await engine.swap_draft(draft_dir, tag)
         assert res.ok, res
-    k = args.k_max if arm == "adaptive" else int(arm[1:])
+    adaptive = arm.startswith("adaptive")
+    k = args.k_max if adaptive else int(arm[1:])
     assert (await engine.set_spec_k(k))["ok"]
-    engine.settings = engine.settings.model_copy(update={"adaptive_k": arm == "adaptive"})
+    if adaptive:
+        await engine.refresh_step_cost(reset=True)  # cold: no step times from the arms before
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": adaptive, "k_cost_online": arm == "adaptive"})
     out = {p: await serve_phase(engine, prompts[p], sp, f"{tag}-{p}", args.k_max) for p in PHASES}
     if engine._k_task is not None:  # a decision still in flight belongs to this arm
         await engine._k_task
+    if adaptive:
+        cost = await engine.refresh_step_cost()
+        out["step_cost_ms"] = {str(k): round(ms, 2) for k, ms in sorted(cost.measured.items())}
     engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
     return out
 
@@ -98,7 +108,7 @@ async def sweep(method: str, draft_dir: Path | None, target_dir: Path, prompts: 
                               num_speculative_tokens=args.k_max, k_window_steps=args.window,
                               k_interval_steps=args.interval)  # serve's defaults otherwise
     engine = await Engine.create(settings, CaptureSettings(enabled=False), in_process=True)
-    arms = [f"K{k}" for k in range(1, args.k_max + 1)] + ["adaptive"]
+    arms = [f"K{k}" for k in range(1, args.k_max + 1)] + ["adaptive", "adaptive_prior"]
     sp = sampling_params(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     out: dict[str, dict] = {}
     try:
@@ -111,6 +121,8 @@ async def sweep(method: str, draft_dir: Path | None, target_dir: Path, prompts: 
                 log(method, arm, f"round {rnd}", {p: (r[p]["tokens_per_s"], r[p]["k_at_request_start"])
                                                   for p in PHASES})
                 acc = out.setdefault(arm, {})
+                if "step_cost_ms" in r:
+                    acc.setdefault("step_cost_ms_by_round", []).append(r["step_cost_ms"])
                 for p in PHASES:
                     ks = acc.get(p, {}).get("k_at_request_start", []) + r[p]["k_at_request_start"]
                     acc[p] = {**merge(acc.get(p), r[p]), "k_at_request_start": ks}
@@ -150,14 +162,15 @@ def analyse(arms: dict, none: dict | None = None) -> dict:
     that switches to each phase's best K at the shift, and the adaptive arm over the best static K."""
     out = {}
     for basis, key in (("wall", "tokens_per_s"), ("cpu", "tokens_per_cpu_s")):
-        static = {a: r for a, r in arms.items() if a != "adaptive"}
+        static = {a: r for a, r in arms.items() if not a.startswith("adaptive")}
         b = {}
         for p in (*PHASES, "all"):
             best = max(static, key=lambda a: static[a][p][key])
             b[p] = {"best_static": best, "best_static_rate": static[best][p][key],
                     "rate_by_arm": {a: r[p][key] for a, r in arms.items()}}
-            if "adaptive" in arms:
-                b[p]["adaptive_over_best_static"] = round(arms["adaptive"][p][key] / static[best][p][key], 3)
+            for a in arms:
+                if a.startswith("adaptive"):
+                    b[p][f"{a}_over_best_static"] = round(arms[a][p][key] / static[best][p][key], 3)
             if none is not None:
                 b[p]["over_no_speculation"] = {a: round(r[p][key] / none[p][key], 3) for a, r in arms.items()}
         # seconds if each phase ran at its own best static K (what no single static K can do)
@@ -198,7 +211,8 @@ def main() -> None:
                       "max_tokens": args.max_tokens, "temperature": 0.0, "streams": 1, "rounds": args.rounds,
                       "phases": "chat (held-out MT-bench first turns), then code (held-out HumanEval stubs)",
                       "k_window_steps": args.window, "k_interval_steps": args.interval,
-                      "k_min_drafted": defaults.k_min_drafted, "dtype": defaults.dtype, "layout": defaults.layout,
+                      "k_min_drafted": defaults.k_min_drafted, "k_cost_min_steps": defaults.k_cost_min_steps,
+                      "k_cost_max_age_s": defaults.k_cost_max_age_s, "dtype": defaults.dtype, "layout": defaults.layout,
                       "enforce_eager": defaults.enforce_eager, "capture": False, "drafts": {}, "step_cost_ms": {}},
            "methods": {}}
     none = None

@@ -86,10 +86,17 @@ class EngineSettings(BaseModel):
     k_min_drafted: int = Field(50, ge=1, description="drafts a position needs before its acceptance counts")
     k_decay: float = Field(1.0, ge=0.0, le=1.0, description="alpha beyond the measured positions: the last "
                            "measured one times this per extra position")
+    # cost(K): the prior below until the engine has timed its own steps at a K (k_cost_online); k_probe then
+    # serves a neighbouring K the engine has no recent time for during one interval, so the best K is measured.
     step_cost_ms: dict[str, float] | None = Field(
         None, description="{c0, c_draft, c_verify} per-step ms; None: spec_k.DEFAULT_COST_MS for the method")
     step_cost_file: Path | None = Field(None, description="a bench/step_cost.py JSON: its 1-stream figures "
                                         "for the method win over step_cost_ms")
+    k_cost_online: bool = Field(True, description="adaptive_k prices K by the engine's own measured step "
+                                "times where it has them (the prior elsewhere)")
+    k_probe: bool = Field(True, description="adaptive_k serves an unmeasured neighbouring K for one interval")
+    k_cost_min_steps: int = Field(20, ge=1, description="decode-only steps a K needs before its time counts")
+    k_cost_max_age_s: float = Field(600.0, gt=0, description="step times older than this are forgotten")
 
     @model_validator(mode="after")
     def _measured_k(self) -> EngineSettings:

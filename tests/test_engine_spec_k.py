@@ -22,6 +22,7 @@ def restore_k(spec_engine):
     settings = spec_engine.engine.settings
     yield
     spec_engine.engine.settings = settings
+    spec_engine.engine.step_cost_rows = []
     assert spec_engine.run(spec_engine.engine.set_spec_k(None))["ok"]
     spec_engine.use_draft("random")
 
@@ -76,7 +77,8 @@ def test_adaptive_k_follows_the_acceptance_at_each_swap(spec_engine, restore_k):
     # drafting 3 ms a pass on a 10 ms step: a perfect draft is worth K=4 (5/22 > 2/13), one accepting < 0.3 is not
     # worth speculating
     engine.settings = engine.settings.model_copy(update={
-        "adaptive_k": True, "k_min_drafted": 50, "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}})
+        "adaptive_k": True, "k_min_drafted": 50, "k_cost_online": False,
+        "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}})
     spec_engine.generate_many(t1)  # random draft: acceptance ~0
     choice = engine.recommended_k("random-kpolicy")
     assert choice is not None and choice.k == 1 and choice.speedup < 1, choice
@@ -107,7 +109,8 @@ def test_adaptive_k_follows_the_acceptance_between_swaps(spec_engine, restore_k)
     engine = spec_engine.engine
     prompts = prompt_ids(spec_engine, 8)
     t1 = [(p, _sp(temperature=1.0, max_tokens=32, seed=i)) for i, p in enumerate(prompts)]
-    policy = {"k_interval_steps": 20, "k_min_drafted": 50, "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}}
+    policy = {"k_interval_steps": 20, "k_min_drafted": 50, "k_cost_online": False,
+              "step_cost_ms": {"c0": 10.0, "c_draft": 3.0, "c_verify": 0.0}}
     engine.settings = engine.settings.model_copy(update={"adaptive_k": False, **policy})
     res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["random"]), "random-between"))
     assert res.ok and engine.spec_k == K, res
@@ -121,3 +124,37 @@ def test_adaptive_k_follows_the_acceptance_between_swaps(spec_engine, restore_k)
     got = [spec_engine.generate(*job) for job in t1]  # copy draft: position 0 accepted ~always -> K back to the configured 4
     assert spec_engine.run(_settled(engine)) == K
     assert got[0].spec.per_position_drafted[1] == 0 and any(r.spec.per_position_drafted[K - 1] for r in got)
+
+
+def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_engine, restore_k):
+    """engine.k_cost_online: the worker times its decode-only steps under each K and adaptive_k prices K with them.
+    Served at K=4 only, K=3 has no time yet, so the policy serves it for one interval (a probe), then goes back to
+    the K the measured costs and acceptance favour: the copy draft accepts everything, so 4 (5 tokens a step against
+    4 at a cost the tiny models hardly raise)."""
+    import time
+
+    engine = spec_engine.engine
+    prompts = prompt_ids(spec_engine, 8)
+    greedy = [(p, _sp(temperature=0.0, max_tokens=48)) for p in prompts * 2]
+    engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
+    res = spec_engine.run(engine.swap_draft(str(spec_engine.drafts["target"]), "target-online"))
+    assert res.ok and engine.spec_k == K, res
+    engine.settings = engine.settings.model_copy(update={
+        "adaptive_k": True, "k_cost_online": True, "k_probe": True, "k_interval_steps": 20, "k_min_drafted": 50,
+        "k_cost_min_steps": 5})
+    t0 = time.monotonic()
+    served_k = []
+    for job in greedy:  # one at a time: every step has one request
+        # only this test's steps count (the shared engine timed other tests' steps too)
+        engine.settings = engine.settings.model_copy(update={"k_cost_max_age_s": time.monotonic() - t0 + 0.05})
+        r = spec_engine.generate(*job)
+        served_k.append(max(r.spec.per_step_drafted))
+        spec_engine.run(_settled(engine))
+    cost = spec_engine.run(engine.refresh_step_cost())
+    rows = {(r["k"], r["batch"]): r for r in engine.step_cost_rows}
+    print(f"\nK served per request {served_k}; step costs {engine.step_cost_rows}")
+    assert served_k[0] == K and 3 in served_k, served_k  # the probe
+    assert served_k[-1] == K and engine.spec_k == K, served_k  # and back
+    assert {(K, 1), (3, 1)} <= set(rows), rows
+    assert all(0 < r["mean_s"] < 2 and r["steps"] >= 5 for r in rows.values()), rows
+    assert cost.measured[K] == pytest.approx(rows[(K, 1)]["mean_s"] * 1000)

@@ -117,11 +117,11 @@ def test_serving_version_never_ages_out(restore_current_version):
 
 def test_recommended_k_follows_live_acceptance(live):  # noqa: F811
     """lkserve_spec_recommended_k / _expected_speedup from real requests: the copy draft (alpha ~1) is worth the
-    configured K at this CPU's default step costs, the random draft (alpha ~0) is not worth speculating."""
-    from lkserve.engine.spec_k import choose_k_from_counts, cost_for
+    configured K at this CPU's default step costs, the random draft (alpha ~0) is not worth speculating. The
+    gateway prices K as the engine does (engine.step_cost: its measured step times where it has read them)."""
+    from lkserve.engine.spec_k import choose_k_from_counts
 
     engine = live.state.engine
-    cost = cost_for(engine.settings)
     seen = {}
     for draft in ("target", "random"):
         # a version name of its own: the window then holds only this test's requests
@@ -137,7 +137,7 @@ def test_recommended_k_follows_live_acceptance(live):  # noqa: F811
         k = s[("lkserve_spec_recommended_k", (("version", version),))]
         speedup = s[("lkserve_spec_expected_speedup", (("version", version),))]
         _, drafted, accepted = serving.recent_position_counts(version)
-        expect = choose_k_from_counts(drafted, accepted, cost, 4, engine.settings.k_min_drafted)
+        expect = choose_k_from_counts(drafted, accepted, engine.step_cost, 4, engine.settings.k_min_drafted)
         assert (k, speedup) == (expect.k, pytest.approx(expect.speedup))
         assert s[("lkserve_spec_k", ())] == 4
         seen[draft] = (k, speedup)
@@ -145,3 +145,9 @@ def test_recommended_k_follows_live_acceptance(live):  # noqa: F811
     print(f"\nrecommended K / expected speedup: {seen}")
     assert seen["target"][0] == 4 and seen["target"][1] > 2
     assert seen["random"][0] == 1 and seen["random"][1] < 1
+    # the step costs it prices with, once the engine has read its worker's step times
+    cost = live.handle.run(engine.refresh_step_cost())
+    s = scrape(live.url)
+    gauges = {int(dict(labels)["k"]): v for (name, labels), v in s.items() if name == "lkserve_spec_step_cost_seconds"}
+    assert any(k > 0 for k in gauges) and all(0 < v < 1 for v in gauges.values()), gauges
+    assert gauges == {k: pytest.approx(ms / 1000) for k, ms in cost.measured.items()}

@@ -11,6 +11,7 @@ from lkserve.engine.spec_k import (
     choose_k_from_counts,
     conditional_alphas,
     cost_from_profile,
+    cost_from_steps,
     expected_tokens,
     extend_alphas,
 )
@@ -192,3 +193,44 @@ def test_cost_for_settings(tmp_path):
                              "draft_model": {"1_stream": {"step_ms": 16, "verification_ms": 11, "drafting_ms": 4}}}))
     c = cost_for(EngineSettings(step_cost_file=f))
     assert (c.c0, c.c_draft, c.c_verify) == pytest.approx((9.0, 2.0, 1.0)) and c(2) == 16
+
+
+def test_cost_from_steps_measured_ks_and_a_line_between_them():
+    prior = StepCost(c0=32.6, c_draft=0.04, c_verify=1.0)  # ngram's default: an extra position looks nearly free
+    rows = [{"k": 1, "batch": 1, "steps": 40, "mean_s": 0.0676}, {"k": 4, "batch": 1, "steps": 40, "mean_s": 0.0976},
+            {"k": 2, "batch": 1, "steps": 3, "mean_s": 0.5},  # too few steps: ignored
+            {"k": 4, "batch": 3, "steps": 10, "mean_s": 0.2}]  # a batch size the traffic ran fewer steps at
+    c = cost_from_steps(rows, prior, min_steps=20)
+    assert c(1) == pytest.approx(67.6) and c(4) == pytest.approx(97.6)
+    assert c(2) == pytest.approx(77.6) and c(3) == pytest.approx(87.6)  # the line through the two
+    assert c(0) == pytest.approx(prior(0) * (67.6 / prior(1) + 97.6 / prior(4)) / 2)
+    # step times like ngram's in bench/results/adaptive_k.json: the prior keeps K=4, the measured costs do not
+    alphas = [0.4, 0.5, 0.5, 0.5]
+    assert choose_k(alphas, prior, 4).k == 4
+    assert choose_k(alphas, c, 4).k == 1
+
+
+def test_cost_from_steps_one_k_scales_the_prior_and_nothing_measured_is_the_prior():
+    prior = StepCost(c0=30.0, c_draft=2.0, c_verify=1.0)
+    # one K measured: the prior's shape, scaled to it (twice as slow as the prior says)
+    c = cost_from_steps([{"k": 4, "batch": 1, "steps": 25, "mean_s": 2 * prior(4) / 1000}], prior, min_steps=20)
+    assert c(4) == pytest.approx(2 * prior(4)) and c(1) == pytest.approx(2 * prior(1)) and c(0) == 2 * prior(0)
+    assert cost_from_steps([{"k": 4, "batch": 1, "steps": 5, "mean_s": 0.06}], prior, min_steps=20) is prior
+    assert cost_from_steps([], prior) is prior
+    # the most-served batch size wins, however many K it has
+    rows = [{"k": 2, "batch": 4, "steps": 100, "mean_s": 0.1}, {"k": 1, "batch": 1, "steps": 30, "mean_s": 0.05},
+            {"k": 2, "batch": 1, "steps": 30, "mean_s": 0.06}]
+    assert set(cost_from_steps(rows, prior).measured) == {0, 2}
+
+
+def test_decode_batch_counts_decode_only_steps():
+    from types import SimpleNamespace
+
+    from lkserve.engine.vllm.spec_k import _decode_batch
+
+    def so(counts, drafts):
+        return SimpleNamespace(num_scheduled_tokens=counts, scheduled_spec_decode_tokens=drafts)
+
+    assert _decode_batch(so({"a": 5, "b": 1}, {"a": [1, 2, 3, 4]})) == 2  # b: no draft this step (ngram, no match)
+    assert _decode_batch(so({"a": 5, "b": 17}, {"a": [1, 2, 3, 4]})) == 0  # b is prefilling
+    assert _decode_batch(so({}, {})) == 0

@@ -109,6 +109,7 @@ class Engine:
         self._steps_since_k = 0  # verification steps since adaptive_k last looked (k_interval_steps)
         self._k_version: str | None = None  # the last version adaptive_k has decided for from its own traffic
         self._k_task: asyncio.Task | None = None
+        self.step_cost_rows: list[dict] = []  # the worker's measured seconds per step by (K, batch size)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @classmethod
@@ -288,13 +289,41 @@ class Engine:
     def recommended_k(self, version: str | None = None) -> spec_k.KChoice | None:
         """The K policy's choice from `version`'s (default: the serving one's) recent acceptance per position and
         the step-cost model (lkserve/engine/spec_k.py); None until it has enough drafts."""
-        cost = spec_k.cost_for(self.settings)
+        cost = self.step_cost
         version = version or self.draft_version or "unknown"  # the label observe_spec counts under
         if cost is None:
             return None
         _, drafted, accepted = metrics.recent_position_counts(version)
         return spec_k.choose_k_from_counts(drafted, accepted, cost, self.settings.num_speculative_tokens,
                                            self.settings.k_min_drafted, self.settings.k_decay)
+
+    @property
+    def step_cost(self) -> spec_k.StepCost | None:
+        """cost(K) the K policy prices with: the worker's own step times as last read (refresh_step_cost) where
+        engine.k_cost_online has them, the prior model (spec_k.cost_for) elsewhere; None without speculation."""
+        prior = spec_k.cost_for(self.settings)
+        if prior is None or not self.settings.k_cost_online:
+            return prior
+        return spec_k.cost_from_steps(self.step_cost_rows, prior, self.settings.k_cost_min_steps)
+
+    async def refresh_step_cost(self, reset: bool = False) -> spec_k.StepCost | None:
+        """Read the worker's recent seconds per decode-only step by (K, batch size), then `step_cost`. reset: the
+        worker forgets its step times first (a benchmark arm that must start cold)."""
+        if self.spec_k is not None and (self.settings.k_cost_online or reset):
+            self.step_cost_rows = await self._rpc("lkserve_step_costs", self.settings.k_cost_max_age_s, reset)
+        return self.step_cost
+
+    def _probe_k(self, choice: spec_k.KChoice) -> int | None:
+        """engine.k_probe: a neighbour of the chosen K that has no recent measured step time, while the chosen K is
+        the one serving (so one interval at it measures its cost and, above K, its acceptance)."""
+        if not (self.settings.k_probe and self.settings.k_cost_online) or choice.k != self.spec_k:
+            return None
+        cost = self.step_cost
+        measured = cost.measured if cost is not None else {}
+        for k in (choice.k + 1, choice.k - 1):
+            if 1 <= k <= self.settings.num_speculative_tokens and k not in measured:
+                return k
+        return None
 
     async def set_spec_k(self, k: int | None) -> dict:
         """Draft at most k (1..num_speculative_tokens) tokens per step from the next step on; None: the configured
@@ -329,20 +358,27 @@ class Engine:
     async def _apply_recommended_k(self, version: str | None) -> str:
         """adaptive_k: the K `version`'s recent traffic recommends (at a swap: the outgoing version's, for the
         incoming one)."""
+        try:
+            await self.refresh_step_cost()
+        except Exception as e:  # noqa: BLE001 - the prior still prices K
+            logger.warning("lkserve: step costs not read, the prior prices K: %r", e)
         choice = self.recommended_k(version)
         if choice is None:
             return "K kept: too few recent drafts to recommend one"
-        if choice.k == self.spec_k:
-            return f"K kept at {choice.k} (expected speedup {choice.speedup:.2f})"
+        k, why = choice.k, f"expected speedup {choice.speedup:.2f}"
+        probe = self._probe_k(choice)
+        if probe is not None:
+            k, why = probe, f"probing: no recent step time at K={probe}; best K {choice.k}"
+        if k == self.spec_k:
+            return f"K kept at {k} ({why})"
         try:
-            r = await self.set_spec_k(choice.k)
+            r = await self.set_spec_k(k)
         except Exception as e:  # noqa: BLE001 - the swap itself succeeded
             return f"K not applied: {e!r}"
         if not r.get("ok"):
             return f"K not applied: {r.get('reason')}"
-        logger.info("lkserve: K -> %d from %s's recent acceptance (expected speedup %.2f)", choice.k, version,
-                    choice.speedup)
-        return f"K set to {choice.k} (expected speedup {choice.speedup:.2f})"
+        logger.info("lkserve: K -> %d from %s's recent acceptance and step times (%s)", k, version, why)
+        return f"K set to {k} ({why})"
 
     async def draft_info(self) -> dict:
         return (await self._rpc("lkserve_draft_info"))

@@ -4,6 +4,10 @@
     cost(K)       = c0 + c_draft*K + c_verify*(K+1)            (seconds per step; K=0 is no speculation)
     best K        = argmax_{1<=K<=Kmax} E[tokens | K] / cost(K);  speedup = that over 1 / cost(0)
 
+cost(K) is measured where the engine has served at K (`cost_from_steps`: its own seconds per decode-only step, at
+the batch size it serves most), with the linear model as the prior for the K it has not; the engine probes a
+neighbouring K now and then so that the best K is always measured, not extrapolated.
+
 What the serving counters give is not alpha_j. vLLM (and lkserve_spec_*_tokens_total{position}) count, per draft
 position j, how often j was drafted and how often j was accepted; accepting j needs 1..j-1 accepted too, so
 accepted_j / drafted_j = P(1..j all accepted) = prod_{i<=j} alpha_i already. `conditional_alphas` divides
@@ -78,6 +82,33 @@ def cost_for(settings) -> StepCost | None:
         c = settings.step_cost_ms
         return StepCost(c0=float(c["c0"]), c_draft=float(c["c_draft"]), c_verify=float(c["c_verify"]))
     return DEFAULT_COST_MS.get(method, DEFAULT_COST_MS["draft_model"])
+
+
+def cost_from_steps(rows: Sequence[Mapping], prior: StepCost, min_steps: int = 20) -> StepCost:
+    """cost(K) from the engine's own step times (lkserve_step_costs rows: k, batch, steps, mean_s), at the batch
+    size the traffic ran most steps at: the measured K as they are; between and beyond them a line fitted through
+    them (one measured K: the prior scaled to it). cost(0) is never measured while speculating: the prior's,
+    scaled by measured over prior at the measured K (it only moves the reported speedup, not the best K).
+    Returns `prior` while no K has min_steps steps."""
+    steps_at: dict[int, int] = {}
+    by_batch: dict[int, dict[int, float]] = {}
+    for r in rows:
+        b = int(r["batch"])
+        steps_at[b] = steps_at.get(b, 0) + int(r["steps"])
+        if int(r["steps"]) >= min_steps:
+            by_batch.setdefault(b, {})[int(r["k"])] = float(r["mean_s"]) * 1000.0
+    if not by_batch:
+        return prior
+    measured = by_batch[max(by_batch, key=lambda b: (steps_at[b], b))]
+    ks = sorted(measured)
+    scale = sum(measured[k] / prior(k) for k in ks) / len(ks)
+    if len(ks) == 1:  # the prior's shape at this machine's speed now
+        return StepCost(c0=prior.c0 * scale, c_draft=prior.c_draft * scale, c_verify=prior.c_verify * scale,
+                        measured={0: prior(0) * scale, **measured})
+    mk = sum(ks) / len(ks)
+    mc = sum(measured[k] for k in ks) / len(ks)
+    slope = max(0.0, sum((k - mk) * (measured[k] - mc) for k in ks) / sum((k - mk) ** 2 for k in ks))
+    return StepCost(c0=mc - slope * mk, c_draft=slope, c_verify=0.0, measured={0: prior(0) * scale, **measured})
 
 
 def conditional_alphas(drafted: Sequence[int], accepted: Sequence[int], min_drafted: int = 1) -> list[float]:

@@ -8,6 +8,8 @@ per position (lkserve.metrics.serving.recent_position_counts) and the engine's s
     lkserve_spec_conditional_acceptance{version, position}  the measured alpha_j (0-based position) it used
     lkserve_spec_window_steps{version}             steps in the window
     lkserve_spec_k                                 K the engine drafts per step now (engine.adaptive_k moves it)
+    lkserve_spec_step_cost_seconds{k}              cost(K) the policy prices with: the engine's measured seconds per
+                                                   decode-only step where it has them (k="0": the prior's, scaled)
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ class KPolicyCollector:
         serving.set_window(engine_settings.k_window_steps)
         self.engine = engine
 
+    def current_cost(self) -> StepCost | None:
+        """The engine's cost(K) (measured step times where it has them), else the configured model."""
+        return getattr(self.engine, "step_cost", None) or self.cost
+
     def choices(self) -> dict[str, tuple]:
         """{version: (KChoice | None, steps, measured alphas)} for the versions with recent counts."""
         out = {}
-        if self.cost is None or self.k_max < 1:
+        cost = self.current_cost()
+        if cost is None or self.k_max < 1:
             return out
         for version in serving.window_versions():
             steps, drafted, accepted = serving.recent_position_counts(version)
-            choice = choose_k_from_counts(drafted, accepted, self.cost, self.k_max, self.min_drafted, self.decay)
+            choice = choose_k_from_counts(drafted, accepted, cost, self.k_max, self.min_drafted, self.decay)
             out[version] = (choice, steps, conditional_alphas(drafted, accepted, self.min_drafted))
         return out
 
@@ -72,6 +79,13 @@ class KPolicyCollector:
         if current is not None:
             now.add_metric([], float(current))
         yield now
+        cost_fam = GaugeMetricFamily("lkserve_spec_step_cost_seconds", "Seconds per decode-only engine step at K "
+                                     "that the K policy prices with: measured where the engine served at K "
+                                     "(k=0: the prior's no-speculation step, scaled)", labels=["k"])
+        cost = self.current_cost()
+        for k, ms in sorted((cost.measured if cost is not None else {}).items()):
+            cost_fam.add_metric([str(k)], ms / 1000.0)
+        yield cost_fam
 
     def summary(self, version: str | None) -> dict | None:
         """The dashboard's view of one version: recommended K, expected speedup, alphas, K drafted now."""

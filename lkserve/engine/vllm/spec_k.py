@@ -17,7 +17,12 @@ would fall back to another graph mode (not tried; lkserve runs eager on CPU).
 
 from __future__ import annotations
 
+import collections
 import copy
+import time
+
+STEP_WINDOW = 64  # recent decode-only steps kept per (K, batch size)
+IDLE_GAP_S = 0.25  # a longer gap between two step starts is a pause in traffic, not a step
 
 
 def install_k_limit(runner) -> None:
@@ -59,3 +64,65 @@ def k_info(runner) -> dict:
     kmax = k_max(runner)
     limit = getattr(runner, "_lkserve_k_limit", None)
     return {"k": limit if limit is not None else (kmax or None), "k_max": kmax}
+
+
+def _decode_batch(scheduler_output) -> int:
+    """Requests in a decode-only step (each scheduled for 1 + its drafts tokens); 0 for a step with any prefill."""
+    counts = scheduler_output.num_scheduled_tokens
+    drafts = scheduler_output.scheduled_spec_decode_tokens or {}
+    if not counts:
+        return 0
+    for rid, n in counts.items():
+        if n != 1 + len(drafts.get(rid, ())):
+            return 0
+    return len(counts)
+
+
+def install_step_clock(runner) -> None:
+    """Wrap `runner.execute_model` (outermost) to time every decode-only step from its start to the next step's
+    start, under (K, requests in the batch): what the K policy needs as cost(K) on this machine, now, including
+    the scheduler's and the engine core's share. A step is counted only when it and the step before it drafted
+    under the same K limit (the first step after a change verifies the old K's drafts)."""
+    if getattr(runner, "_lkserve_step_clock", None) is not None:
+        return
+    clock = {"k": None, "prev": None, "steps": {}}  # prev: (k, batch, start, pure); steps: {(k, b): deque}
+    runner._lkserve_step_clock = clock
+    orig = runner.execute_model
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        t = time.perf_counter()
+        k = k_info(runner)["k"]
+        fresh = k != clock["k"]
+        clock["k"] = k
+        prev = clock["prev"]
+        if prev is not None and prev[3] and prev[0] == k and t - prev[2] < IDLE_GAP_S:
+            window = clock["steps"].setdefault((k, prev[1]), collections.deque(maxlen=STEP_WINDOW))
+            window.append((t, t - prev[2]))
+        b = _decode_batch(scheduler_output)
+        clock["prev"] = (k, b, t, not fresh) if b else None
+        return orig(scheduler_output, *args, **kwargs)
+
+    runner.execute_model = execute_model
+
+
+def reset_step_costs(runner) -> None:
+    """Forget every timed step (a benchmark arm that must start cold)."""
+    clock = getattr(runner, "_lkserve_step_clock", None)
+    if clock is not None:
+        clock["steps"].clear()
+        clock["prev"] = None
+
+
+def step_costs(runner, max_age_s: float | None = None) -> list[dict]:
+    """Mean seconds per decode-only step under each (K, batch size), over the steps of the last max_age_s seconds
+    (None: every kept step)."""
+    clock = getattr(runner, "_lkserve_step_clock", None)
+    if clock is None:
+        return []
+    now = time.perf_counter()
+    out = []
+    for (k, b), window in list(clock["steps"].items()):
+        kept = [s for t, s in list(window) if max_age_s is None or now - t <= max_age_s]
+        if kept:
+            out.append({"k": k, "batch": b, "steps": len(kept), "mean_s": sum(kept) / len(kept)})
+    return sorted(out, key=lambda r: (r["batch"], r["k"]))

@@ -37,6 +37,7 @@ class LkserveWorkerExtension:
         timing.install_outer(self.model_runner)  # the two step halves, outside them
         if spec_k.k_max(self.model_runner):
             spec_k.install_k_limit(self.model_runner)
+            spec_k.install_step_clock(self.model_runner)  # outermost: a step's whole time, capture included
         self._lkserve_ready = True
 
     def _lkserve_lookup(self):
@@ -114,6 +115,13 @@ class LkserveWorkerExtension:
         logger.info("lkserve: spec K -> %s: %s", res.get("k"), res["reason"])
         return res
 
+    def lkserve_step_costs(self, max_age_s: float | None = None, reset: bool = False) -> list[dict]:
+        """Measured seconds per decode-only step by (K, batch size): cost(K) for the K policy; reset: forget them."""
+        self._lkserve_init()
+        if reset:
+            spec_k.reset_step_costs(self.model_runner)
+        return spec_k.step_costs(self.model_runner, max_age_s)
+
     def lkserve_draft_info(self) -> dict:
         self._lkserve_init()
         return self._lkserve_swapper.info()
@@ -132,4 +140,5 @@ class LkserveWorkerExtension:
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
             "step_timing": timing.snapshot(self.model_runner),  # None unless LKSERVE_STEP_TIMING=1
             "spec_k": spec_k.k_info(self.model_runner),
+            "step_costs": spec_k.step_costs(self.model_runner),
         }
