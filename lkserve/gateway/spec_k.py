@@ -88,19 +88,23 @@ class KPolicyCollector:
         yield cost_fam
 
     def summary(self, version: str | None) -> dict | None:
-        """The dashboard's view of one version: recommended K, expected speedup, alphas, K drafted now."""
+        """The dashboard's view of one version: recommended K, expected speedup, alphas, K drafted now, and the
+        step costs it prices with (measured ms per step by K)."""
         if version is None:
             return None
         entry = self.choices().get(version)
         current = getattr(self.engine, "spec_k", None)
+        cost = self.current_cost()
+        step_ms = {str(k): ms for k, ms in sorted(cost.measured.items()) if k > 0} if cost is not None else {}
         if entry is None:
             return {"version": version, "k": None, "speedup": None, "expected_tokens": None, "alphas": [],
-                    "window_steps": 0, "current_k": current, "speedup_by_k": {}}
+                    "window_steps": 0, "current_k": current, "speedup_by_k": {}, "step_cost_ms": step_ms}
         choice, steps, alphas = entry
         return {"version": version, "k": choice.k if choice else None, "speedup": choice.speedup if choice else None,
                 "expected_tokens": choice.expected_tokens if choice else None, "alphas": alphas,
                 "window_steps": steps, "current_k": current,
-                "speedup_by_k": {str(k): v for k, v in choice.speedup_by_k.items()} if choice else {}}
+                "speedup_by_k": {str(k): v for k, v in choice.speedup_by_k.items()} if choice else {},
+                "step_cost_ms": step_ms}
 
 
 K_POLICY = KPolicyCollector()
