@@ -128,9 +128,9 @@ def test_adaptive_k_follows_the_acceptance_between_swaps(spec_engine, restore_k)
 
 def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_engine, restore_k):
     """engine.k_cost_online: the worker times its decode-only steps under each K and adaptive_k prices K with them.
-    Served at K=4 only, K=3 has no time yet, so the policy serves it for one interval (a probe), then goes back to
-    the K the measured costs and acceptance favour: the copy draft accepts everything, so 4 (5 tokens a step against
-    4 at a cost the tiny models hardly raise)."""
+    Served at K=4 only, K=3 has no time yet, so the policy serves it for one interval (a probe); after that, K is
+    the policy's choice on the measured costs (the copy draft accepts everything: usually 4, but on a loaded machine
+    the tiny models' step times can differ by more than the 5/4 tokens a step, so which K is not asserted)."""
     import time
 
     engine = spec_engine.engine
@@ -154,7 +154,11 @@ def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_e
     rows = {(r["k"], r["batch"]): r for r in engine.step_cost_rows}
     print(f"\nK served per request {served_k}; step costs {engine.step_cost_rows}")
     assert served_k[0] == K and 3 in served_k, served_k  # the probe
-    assert served_k[-1] == K and engine.spec_k == K, served_k  # and back
     assert {(K, 1), (3, 1)} <= set(rows), rows
     assert all(0 < r["mean_s"] < 2 and r["steps"] >= 5 for r in rows.values()), rows
     assert cost.measured[K] == pytest.approx(rows[(K, 1)]["mean_s"] * 1000)
+    # both neighbours of 4 inside 1..K measured: a decision now applies the policy's choice, no probe
+    reason = spec_engine.run(engine._apply_recommended_k("target-online"))
+    choice = engine.recommended_k("target-online")
+    print(f"decision: {reason}; by K {choice.speedup_by_k}")
+    assert engine.spec_k == choice.k or (abs(engine.spec_k - choice.k) == 1 and "probing" in reason), reason
