@@ -94,6 +94,7 @@ async def run_arm(engine, draft_dir: str | None, arm: str, prompts: dict, sp, ar
     if adaptive:
         cost = await engine.refresh_step_cost()
         out["step_cost_ms"] = {str(k): round(ms, 2) for k, ms in sorted(cost.measured.items())}
+        out["step_cost_spread"] = {str(k): round(se, 4) for k, se in sorted(cost.spread.items())}
     engine.settings = engine.settings.model_copy(update={"adaptive_k": False})
     return out
 
@@ -123,6 +124,7 @@ async def sweep(method: str, draft_dir: Path | None, target_dir: Path, prompts: 
                 acc = out.setdefault(arm, {})
                 if "step_cost_ms" in r:
                     acc.setdefault("step_cost_ms_by_round", []).append(r["step_cost_ms"])
+                    acc.setdefault("step_cost_spread_by_round", []).append(r["step_cost_spread"])
                 for p in PHASES:
                     ks = acc.get(p, {}).get("k_at_request_start", []) + r[p]["k_at_request_start"]
                     acc[p] = {**merge(acc.get(p), r[p]), "k_at_request_start": ks}

@@ -97,6 +97,8 @@ class EngineSettings(BaseModel):
     k_probe: bool = Field(True, description="adaptive_k serves an unmeasured neighbouring K for one interval")
     k_cost_min_steps: int = Field(20, ge=1, description="decode-only steps a K needs before its time counts")
     k_cost_max_age_s: float = Field(600.0, gt=0, description="step times older than this are forgotten")
+    k_move_sigmas: float = Field(2.0, ge=0, description="adaptive_k leaves the serving K for another measured K only "
+                                 "when the expected gain exceeds this many standard errors of their costs (0: always)")
 
     @model_validator(mode="after")
     def _measured_k(self) -> EngineSettings:

@@ -152,7 +152,7 @@ def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_e
         spec_engine.run(_settled(engine))
     cost = spec_engine.run(engine.refresh_step_cost())
     rows = {(r["k"], r["batch"]): r for r in engine.step_cost_rows}
-    print(f"\nK served per request {served_k}; step costs {engine.step_cost_rows}")
+    print(f"\nK served per request {served_k}; step costs {[{**r, 'samples': len(r['samples'])} for r in rows.values()]}")
     assert served_k[0] == K and 3 in served_k, served_k  # the probe
     assert {(K, 1), (3, 1)} <= set(rows), rows
     assert all(0 < r["mean_s"] < 2 and r["steps"] >= 5 for r in rows.values()), rows
@@ -161,4 +161,6 @@ def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_e
     reason = spec_engine.run(engine._apply_recommended_k("target-online"))
     choice = engine.recommended_k("target-online")
     print(f"decision: {reason}; by K {choice.speedup_by_k}")
-    assert engine.spec_k == choice.k or (abs(engine.spec_k - choice.k) == 1 and "probing" in reason), reason
+    assert (engine.spec_k == choice.k or (abs(engine.spec_k - choice.k) == 1 and "probing" in reason)
+            or "within the noise" in reason), reason
+    assert set(engine.step_cost.spread) == {3, 4}  # both priced on paired step times, with their spreads

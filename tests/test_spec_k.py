@@ -14,6 +14,8 @@ from lkserve.engine.spec_k import (
     cost_from_steps,
     expected_tokens,
     extend_alphas,
+    paired_ratio,
+    worth_moving,
 )
 
 
@@ -221,6 +223,55 @@ def test_cost_from_steps_one_k_scales_the_prior_and_nothing_measured_is_the_prio
     rows = [{"k": 2, "batch": 4, "steps": 100, "mean_s": 0.1}, {"k": 1, "batch": 1, "steps": 30, "mean_s": 0.05},
             {"k": 2, "batch": 1, "steps": 30, "mean_s": 0.06}]
     assert set(cost_from_steps(rows, prior).measured) == {0, 2}
+
+
+def _steps(ages, ms, rng, noise=0.03):
+    """[age_s, seconds] steps at `ms` a step with a few % noise, one per age."""
+    return [[a, ms * (1 + rng.gauss(0, noise)) / 1000] for a in ages]
+
+
+def _row(k, samples):
+    return {"k": k, "batch": 1, "steps": len(samples), "mean_s": sum(s for _, s in samples) / len(samples),
+            "samples": samples}
+
+
+def test_cost_from_steps_compares_a_probe_with_the_steps_around_it_not_the_overall_mean():
+    """The contended run of bench/results/adaptive_k_online_contended.json: K=1 is 10 % cheaper than K=4 at any one
+    load, but it was probed while the machine was 30 % slower, so its mean says it is dearer. Against the K=4
+    steps of the same stretch of time it is 0.9x, and the policy prices it so."""
+    rng = random.Random(0)
+    ages = [i * 0.1 for i in range(1000)]  # 100 s of steps, newest first
+    k4 = [[a, s * (1.3 if 20 <= a <= 50 else 1.0)]  # the load rose 20-50 s ago
+          for a, s in _steps([a for a in ages if not 30 <= a <= 40], 100, rng)]
+    k1 = _steps([a for a in ages if 30 <= a <= 40], 90 * 1.3, rng)  # the probe, 30-40 s ago
+    prior = StepCost(c0=32.6, c_draft=0.04, c_verify=1.0)
+    unpaired = cost_from_steps([{k: v for k, v in _row(k, s).items() if k != "samples"} for k, s in ((4, k4), (1, k1))],
+                               prior)
+    assert unpaired(1) > unpaired(4)  # the mean of each K on its own
+    c = cost_from_steps([_row(4, k4), _row(1, k1)], prior)
+    assert c(4) == pytest.approx(_row(4, k4)["mean_s"] * 1000)  # the reference: the K with the most steps
+    assert c(1) / c(4) == pytest.approx(0.9, abs=0.01)
+    assert 0 < c.spread[1] < 0.01 and 0 < c.spread[4] < 0.01
+    r, se = paired_ratio(k1, k4, min_steps=20)
+    assert r == pytest.approx(0.9, abs=0.01) and se == pytest.approx(c.spread[1])
+    assert paired_ratio(k1, [s for s in k4 if s[0] < 10], min_steps=20) is None  # no reference steps near it
+    alphas = [0.2, 0.2, 0.2, 0.2]
+    assert choose_k(alphas, unpaired, 4).k == 4 and choose_k(alphas, c, 4).k == 1
+
+
+def test_worth_moving_needs_a_gain_beyond_the_noise_of_two_measured_costs():
+    alphas = [0.5, 0.5, 0.5, 0.5]
+    cost = StepCost(c0=30, c_draft=1, c_verify=0, measured={0: 30.0, 3: 33.0, 4: 33.6}, spread={3: 0.02, 4: 0.02})
+    choice = choose_k(alphas, cost, 4)
+    gain = choice.speedup_by_k[choice.k] / choice.speedup_by_k[3] - 1
+    assert choice.k == 4 and 0 < gain < 2 * (2 * 0.02 ** 2) ** 0.5  # 4 is better by less than 2 sigma
+    assert not worth_moving(choice, cost, 3, sigmas=2.0)
+    assert worth_moving(choice, cost, 3, sigmas=0.0)  # 0: always move
+    tight = StepCost(**{**cost.__dict__, "spread": {3: 0.002, 4: 0.002}})
+    assert worth_moving(choose_k(alphas, tight, 4), tight, 3, sigmas=2.0)
+    # a K without a measured spread (never served): worth moving to, it gets measured
+    assert worth_moving(choice, StepCost(**{**cost.__dict__, "spread": {3: 0.02}}), 3, sigmas=2.0)
+    assert worth_moving(choice, cost, 4, sigmas=2.0) and worth_moving(choice, cost, None, sigmas=2.0)
 
 
 def test_decode_batch_counts_decode_only_steps():

@@ -366,6 +366,9 @@ class Engine:
         if choice is None:
             return "K kept: too few recent drafts to recommend one"
         k, why = choice.k, f"expected speedup {choice.speedup:.2f}"
+        cost = self.step_cost
+        if not spec_k.worth_moving(choice, cost, self.spec_k, self.settings.k_move_sigmas):
+            k, why = self.spec_k, f"K={choice.k}'s expected gain is within the noise of the measured step costs"
         probe = self._probe_k(choice)
         if probe is not None:
             k, why = probe, f"probing: no recent step time at K={probe}; best K {choice.k}"

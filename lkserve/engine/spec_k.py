@@ -5,8 +5,10 @@
     best K        = argmax_{1<=K<=Kmax} E[tokens | K] / cost(K);  speedup = that over 1 / cost(0)
 
 cost(K) is measured where the engine has served at K (`cost_from_steps`: its own seconds per decode-only step, at
-the batch size it serves most), with the linear model as the prior for the K it has not; the engine probes a
-neighbouring K now and then so that the best K is always measured, not extrapolated.
+the batch size it serves most, each K against the most-served K's steps from the same stretch of time), with the
+linear model as the prior for the K it has not; the engine probes a neighbouring K now and then so that the best K
+is always measured, not extrapolated, and leaves the serving K for another measured one only when the gain exceeds
+the noise of their measured costs (`worth_moving`).
 
 What the serving counters give is not alpha_j. vLLM (and lkserve_spec_*_tokens_total{position}) count, per draft
 position j, how often j was drafted and how often j was accepted; accepting j needs 1..j-1 accepted too, so
@@ -40,6 +42,7 @@ class StepCost:
     c_draft: float
     c_verify: float
     measured: Mapping[int, float] = field(default_factory=dict)
+    spread: Mapping[int, float] = field(default_factory=dict)  # relative standard error of a measured K's cost
 
     def __call__(self, k: int) -> float:
         if k in self.measured:
@@ -84,31 +87,63 @@ def cost_for(settings) -> StepCost | None:
     return DEFAULT_COST_MS.get(method, DEFAULT_COST_MS["draft_model"])
 
 
+def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and relative standard error of the mean."""
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)
+    return m, (var / len(xs)) ** 0.5 / m
+
+
+def paired_ratio(samples: Sequence[Sequence[float]], ref: Sequence[Sequence[float]],
+                 min_steps: int) -> tuple[float, float] | None:
+    """A K's seconds per step over the reference K's on the reference steps that ran in the same stretch of time
+    ([age_s, seconds] pairs; the samples' own span and as long again on either side): on a machine whose load moves,
+    two Ks timed minutes apart differ by more than their costs do. Returns (ratio, its relative standard error), or
+    None with fewer than min_steps reference steps in that stretch."""
+    ages = [a for a, _ in samples]
+    lo, hi = min(ages), max(ages)
+    w = max(hi - lo, 1.0)
+    local = [s for a, s in ref if lo - w <= a <= hi + w]
+    if len(local) < min_steps:
+        return None
+    (m, se), (mr, ser) = _mean_se([s for _, s in samples]), _mean_se(local)
+    return m / mr, (se ** 2 + ser ** 2) ** 0.5
+
+
 def cost_from_steps(rows: Sequence[Mapping], prior: StepCost, min_steps: int = 20) -> StepCost:
-    """cost(K) from the engine's own step times (lkserve_step_costs rows: k, batch, steps, mean_s), at the batch
-    size the traffic ran most steps at: the measured K as they are; between and beyond them a line fitted through
-    them (one measured K: the prior scaled to it). cost(0) is never measured while speculating: the prior's,
-    scaled by measured over prior at the measured K (it only moves the reported speedup, not the best K).
-    Returns `prior` while no K has min_steps steps."""
+    """cost(K) from the engine's own step times (lkserve_step_costs rows: k, batch, steps, mean_s, samples), at the
+    batch size the traffic ran most steps at. The K with the most steps is the reference, at its mean; another K
+    costs the reference's mean times its `paired_ratio` where their steps overlap in time (its own mean where they
+    do not). Between and beyond the measured Ks a line fitted through them (one measured K: the prior scaled to
+    it). cost(0) is never measured while speculating: the prior's, scaled by measured over prior at the measured
+    K (it only moves the reported speedup, not the best K). Returns `prior` while no K has min_steps steps."""
     steps_at: dict[int, int] = {}
-    by_batch: dict[int, dict[int, float]] = {}
+    by_batch: dict[int, dict[int, Mapping]] = {}
     for r in rows:
         b = int(r["batch"])
         steps_at[b] = steps_at.get(b, 0) + int(r["steps"])
         if int(r["steps"]) >= min_steps:
-            by_batch.setdefault(b, {})[int(r["k"])] = float(r["mean_s"]) * 1000.0
+            by_batch.setdefault(b, {})[int(r["k"])] = r
     if not by_batch:
         return prior
-    measured = by_batch[max(by_batch, key=lambda b: (steps_at[b], b))]
+    at = by_batch[max(by_batch, key=lambda b: (steps_at[b], b))]
+    ref = max(at, key=lambda k: (int(at[k]["steps"]), k))
+    measured = {k: float(r["mean_s"]) * 1000.0 for k, r in at.items()}
+    spread = {k: _mean_se([s for _, s in r["samples"]])[1] for k, r in at.items() if r.get("samples")}
+    for k, r in at.items():
+        pr = paired_ratio(r["samples"], at[ref]["samples"], min_steps) if k != ref and r.get("samples") else None
+        if pr is not None:
+            measured[k], spread[k] = measured[ref] * pr[0], pr[1]
     ks = sorted(measured)
     scale = sum(measured[k] / prior(k) for k in ks) / len(ks)
     if len(ks) == 1:  # the prior's shape at this machine's speed now
         return StepCost(c0=prior.c0 * scale, c_draft=prior.c_draft * scale, c_verify=prior.c_verify * scale,
-                        measured={0: prior(0) * scale, **measured})
+                        measured={0: prior(0) * scale, **measured}, spread=spread)
     mk = sum(ks) / len(ks)
     mc = sum(measured[k] for k in ks) / len(ks)
     slope = max(0.0, sum((k - mk) * (measured[k] - mc) for k in ks) / sum((k - mk) ** 2 for k in ks))
-    return StepCost(c0=mc - slope * mk, c_draft=slope, c_verify=0.0, measured={0: prior(0) * scale, **measured})
+    return StepCost(c0=mc - slope * mk, c_draft=slope, c_verify=0.0, measured={0: prior(0) * scale, **measured},
+                    spread=spread)
 
 
 def conditional_alphas(drafted: Sequence[int], accepted: Sequence[int], min_drafted: int = 1) -> list[float]:
@@ -172,6 +207,18 @@ def choose_k(alphas: Sequence[float], cost: StepCost, k_max: int, decay: float =
     best = max(by_k, key=lambda k: (by_k[k], -k))
     return KChoice(k=best, speedup=by_k[best], expected_tokens=expected_tokens(full, best), alphas=full,
                    measured_positions=min(len(alphas), k_max), speedup_by_k=by_k)
+
+
+def worth_moving(choice: KChoice, cost: StepCost, current: int | None, sigmas: float) -> bool:
+    """Whether to leave the serving K for choice.k: always, unless both Ks are measured (cost.spread has them) and
+    the expected gain is within `sigmas` standard errors of their step-cost difference, which on a shared machine
+    is most small differences. A K never measured is a move worth making once (it gets measured)."""
+    if current is None or choice.k == current or current not in choice.speedup_by_k:
+        return True
+    if sigmas <= 0 or choice.k not in cost.spread or current not in cost.spread:
+        return True
+    gain = choice.speedup_by_k[choice.k] / choice.speedup_by_k[current] - 1.0
+    return gain > sigmas * (cost.spread[choice.k] ** 2 + cost.spread[current] ** 2) ** 0.5
 
 
 def choose_k_from_counts(drafted: Sequence[int], accepted: Sequence[int], cost: StepCost, k_max: int,

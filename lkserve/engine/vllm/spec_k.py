@@ -21,7 +21,7 @@ import collections
 import copy
 import time
 
-STEP_WINDOW = 64  # recent decode-only steps kept per (K, batch size)
+STEP_WINDOW = 2048  # recent decode-only steps kept per (K, batch size): about a minute of serving at one K
 IDLE_GAP_S = 0.25  # a longer gap between two step starts is a pause in traffic, not a step
 
 
@@ -114,15 +114,17 @@ def reset_step_costs(runner) -> None:
 
 
 def step_costs(runner, max_age_s: float | None = None) -> list[dict]:
-    """Mean seconds per decode-only step under each (K, batch size), over the steps of the last max_age_s seconds
-    (None: every kept step)."""
+    """Seconds per decode-only step under each (K, batch size), over the steps of the last max_age_s seconds (None:
+    every kept step): their mean, and each step as [age_s, seconds] so that the K policy can compare two Ks on
+    steps that ran close together in time (spec_k.cost_from_steps), not on means taken under different loads."""
     clock = getattr(runner, "_lkserve_step_clock", None)
     if clock is None:
         return []
     now = time.perf_counter()
     out = []
     for (k, b), window in list(clock["steps"].items()):
-        kept = [s for t, s in list(window) if max_age_s is None or now - t <= max_age_s]
+        kept = [(now - t, s) for t, s in list(window) if max_age_s is None or now - t <= max_age_s]
         if kept:
-            out.append({"k": k, "batch": b, "steps": len(kept), "mean_s": sum(kept) / len(kept)})
+            out.append({"k": k, "batch": b, "steps": len(kept), "mean_s": sum(s for _, s in kept) / len(kept),
+                        "samples": [[round(a, 4), s] for a, s in kept]})
     return sorted(out, key=lambda r: (r["batch"], r["k"]))

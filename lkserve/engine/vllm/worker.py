@@ -140,5 +140,5 @@ class LkserveWorkerExtension:
             "aux_hidden_state_layers": hooks.aux_layers(self.model_runner),
             "step_timing": timing.snapshot(self.model_runner),  # None unless LKSERVE_STEP_TIMING=1
             "spec_k": spec_k.k_info(self.model_runner),
-            "step_costs": spec_k.step_costs(self.model_runner),
+            "step_costs": [{k: v for k, v in r.items() if k != "samples"} for r in spec_k.step_costs(self.model_runner)],
         }
