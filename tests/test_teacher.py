@@ -159,3 +159,24 @@ def bootstrap_run(settings, registry, state_dir):
     return bootstrap.run_bootstrap(settings, registry, max_positions=40_000, seed=0, state_dir=state_dir,
                                    source="teacher", max_prompts=80, max_tokens=64, max_prompt_tokens=64,
                                    concurrency=16)
+
+
+def test_teacher_greedy_adds_each_train_prompts_greedy_completion(tiny, tmp_path):
+    """`--greedy`: after the sampled completions, one T=0 completion per train prompt, so its every completion token
+    is the target's own argmax (the teacher's top-1), while the T=1 samples mostly are not."""
+    from lkserve.trainer import bootstrap
+    from tests.test_bootstrap import _boot_settings
+
+    settings = _boot_settings(tiny, None, tmp_path / "cache", "greedy")
+    train, held, _ = bootstrap.teacher_split(settings, max_prompts=10, max_tokens=16, max_prompt_tokens=48,
+                                             concurrency=8, samples=1, greedy=True)
+    n_train = len(bootstrap.bootstrap_prompts(0.2, 10, 0)[0])
+    assert len(train) == 2 * n_train and len(held) == 10 - n_train  # one window per sequence at these lengths
+
+    def top1_rate(r, last=8):  # over the completion's last tokens: row i predicts token i + 1
+        rows = range(len(r.context_token_ids) - 1 - last, len(r.context_token_ids) - 1)
+        return np.mean([int(r.topk_ids[i, 0]) == int(r.context_token_ids[i + 1]) for i in rows])
+
+    sampled, greedy = [top1_rate(r) for r in train[:n_train]], [top1_rate(r) for r in train[n_train:]]
+    print(f"\ntop-1 agreement: sampled {np.mean(sampled):.3f}, greedy {np.mean(greedy):.3f}")
+    assert np.mean(greedy) > 0.9 and np.mean(sampled) < 0.6

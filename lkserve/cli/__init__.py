@@ -109,7 +109,8 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
                             state_dir=state_dir, fresh=args.fresh, source=args.source,
                             max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
                             concurrency=args.concurrency, domains=tuple(args.domains.split(",")),
-                            **({"samples": args.samples, "text_tokens": args.text_tokens}
+                            **({"samples": args.samples, "text_tokens": args.text_tokens,
+                                **({"greedy": True} if args.greedy else {})}
                                if args.source == "teacher" else {}))
     finally:
         if handle is not None:
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "target pass labelling every position (default: more held-out acceptance per CPU-minute, "
                            "bench/bootstrap_sources.py); served: what a spec-decoding engine's capture records")
     boot.add_argument("--samples", type=int, default=1, help="teacher: completions per train prompt")
+    boot.add_argument("--greedy", action="store_true",
+                      help="teacher: add the greedy (T=0) completion of every train prompt to the --samples ones")
     boot.add_argument("--text-tokens", type=int, default=0,
                       help="teacher: add this many tokens of installed packages' text and code to the train data")
     boot.set_defaults(func=cmd_draft_bootstrap)

@@ -478,13 +478,15 @@ def records_for(state: BootstrapState | None, capture, meta: dict):
 
 def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
                   max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
-                  concurrency: int = 32, samples: int = 1, text_tokens: int = 0, window: int = 512, seed: int = 0,
-                  domains: tuple[str, ...] = DOMAINS):
+                  concurrency: int = 32, samples: int = 1, greedy: bool = False, text_tokens: int = 0,
+                  window: int = 512, seed: int = 0, domains: tuple[str, ...] = DOMAINS):
     """(train records, held-out records, seconds), teacher-forced (lkserve.trainer.teacher): the target's own
     completions of the train / held-out prompts from an engine WITHOUT speculation (`concurrency` streams, capture
     off: far more tokens per CPU-second than one spec engine capturing), then one target pass per window giving a
     label at every position (and an EAGLE-3 head's aux hidden states). `text_tokens` adds that many tokens of
-    installed packages' text (teacher.package_texts) to the train side. Labels are the target at T=1."""
+    installed packages' text (teacher.package_texts) to the train side. `greedy`: each train prompt's T=0
+    completion too, so the contexts of greedy serving (more repetitive than sampled text) are trained on as well.
+    Labels are the target at T=1."""
     from lkserve.engine.engine import Engine
     from lkserve.trainer import teacher
 
@@ -499,6 +501,8 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
         try:
             enc = lambda ps: [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in ps]
             train_t = await teacher.self_generations(engine, enc(train_p), samples=samples, **kw)
+            if greedy:
+                train_t += await teacher.self_generations(engine, enc(train_p), **{**kw, "temperature": 0.0})
             held_t = await teacher.self_generations(engine, enc(held_p), **kw)
             return train_t, held_t, engine.tokenizer
         finally:
