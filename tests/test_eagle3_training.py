@@ -114,7 +114,7 @@ def test_online_training_from_scratch_raises_acceptance(le3, lmodels):
 
     torch.manual_seed(0)
     tok = le3.engine.tokenizer
-    eval_prompts = corpus_prompts(tok, 16, offset=700)  # 8 measured a served rate too noisy for its margins
+    eval_prompts = corpus_prompts(tok, 16, offset=700)  # with 8, one CI run measured 0.047 against a 0.048 margin
     base_t1, _ = _rate(le3, eval_prompts, 1.0)
     base_t0, _ = _rate(le3, eval_prompts, 0.0)
     le3.drain()
@@ -148,7 +148,7 @@ def test_online_training_from_scratch_raises_acceptance(le3, lmodels):
           f"  held-out alpha (logged top-k bound) {before.alpha_mean:.3f} -> {after.alpha_mean:.3f}, per step "
           f"{[round(a, 3) for a in after.alpha_per_position]}\n"
           f"  served acceptance T=1 {base_t1:.3f} -> {new_t1:.3f};  T=0 {base_t0:.3f} -> {new_t0:.3f}")
-    # stated margins (measured: held-out 0.031 -> 0.121; served T=1 0.023 -> 0.062)
+    # stated margins (measured: held-out 0.031 -> 0.121-0.124; served T=1 on 16 prompts 0.026 -> 0.065-0.069)
     assert after.alpha_mean > 3 * before.alpha_mean and after.alpha_mean > before.alpha_mean + 0.06
     assert new_t1 > 2 * base_t1 and new_t1 > base_t1 + 0.025
     # d2t after training: accepted drafts are the target's own tokens, every draft inside the draft vocabulary
