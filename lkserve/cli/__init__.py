@@ -109,6 +109,7 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
                             state_dir=state_dir, fresh=args.fresh, source=args.source,
                             max_prompts=args.prompts, max_tokens=args.max_tokens, temperature=args.temperature,
                             concurrency=args.concurrency, domains=tuple(args.domains.split(",")),
+                            # greedy only when asked: the state's capture metadata of earlier runs stays valid
                             **({"samples": args.samples, "text_tokens": args.text_tokens,
                                 **({"greedy": True} if args.greedy else {})}
                                if args.source == "teacher" else {}))

@@ -313,12 +313,11 @@ class Engine:
             self.step_cost_rows = await self._rpc("lkserve_step_costs", self.settings.k_cost_max_age_s, reset)
         return self.step_cost
 
-    def _probe_k(self, choice: spec_k.KChoice) -> int | None:
-        """engine.k_probe: a neighbour of the chosen K that has no recent measured step time, while the chosen K is
-        the one serving (so one interval at it measures its cost and, above K, its acceptance)."""
+    def _probe_k(self, choice: spec_k.KChoice, cost: spec_k.StepCost | None) -> int | None:
+        """engine.k_probe: a neighbour of the chosen K that has no recent measured step time in `cost`, while the
+        chosen K is the one serving (so one interval at it measures its cost and, above K, its acceptance)."""
         if not (self.settings.k_probe and self.settings.k_cost_online) or choice.k != self.spec_k:
             return None
-        cost = self.step_cost
         measured = cost.measured if cost is not None else {}
         for k in (choice.k + 1, choice.k - 1):
             if 1 <= k <= self.settings.num_speculative_tokens and k not in measured:
@@ -369,7 +368,7 @@ class Engine:
         cost = self.step_cost
         if not spec_k.worth_moving(choice, cost, self.spec_k, self.settings.k_move_sigmas):
             k, why = self.spec_k, f"K={choice.k}'s expected gain is within the noise of the measured step costs"
-        probe = self._probe_k(choice)
+        probe = self._probe_k(choice, cost)
         if probe is not None:
             k, why = probe, f"probing: no recent step time at K={probe}; best K {choice.k}"
         if k == self.spec_k:
