@@ -167,4 +167,6 @@ def test_adaptive_k_prices_k_by_its_own_step_times_and_probes_a_neighbour(spec_e
     print(f"decision: {reason}; by K {choice.speedup_by_k}")
     assert (engine.spec_k == choice.k or (abs(engine.spec_k - choice.k) == 1 and "probing" in reason)
             or "within the noise" in reason), reason
-    assert set(engine.step_cost.spread) == {3, 4}  # both priced on paired step times, with their spreads
+    # every K served long enough is priced on paired step times, with its spread (3 and 4, or more Ks where the
+    # policy moved on: on a quiet host it served 1 and 2 as well)
+    assert set(engine.step_cost.spread) == {k for k, _ in rows} >= {3, 4}
