@@ -188,8 +188,15 @@ class TrainerSettings(BaseModel):
     threads: int = 1
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="matmuls of the training forward/backward: fp32, or bf16 autocast (fp32 master weights, "
-        "optimizer and losses; 1.5-1.6x the fp32 positions/s on this AVX512-BF16 CPU, loss within ~3e-4 relative: "
+        "optimizer and losses; 1.8-1.9x the fp32 positions/s on an AVX512-BF16 CPU, loss within ~3e-4 relative: "
         "bench/train_speed.py). Held-out evaluation is always fp32")
+    # The offline bootstrap (`lkserve draft bootstrap`, the demo's) has the CPU to itself: nothing serves beside it.
+    bootstrap_threads: int | None = Field(
+        None, ge=1, description="torch threads of the offline bootstrap's teacher pass and training; None: every CPU "
+        "this process may use (the online worker keeps `threads`: it shares the CPU with serving)")
+    bootstrap_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`precision` of the offline bootstrap's training; auto: bf16 where the CPU multiplies "
+        "bf16 natively (AVX512-BF16 or AMX: 1.9x fp32's positions/s on 2 threads, bench/train_speed.py), else fp32")
     train_params: Literal["layers", "layers+head", "all"] = Field(
         "layers", description="what of a draft model trains (an EAGLE-3 head trains all of its own weights)")
     seed: int = 0

@@ -163,6 +163,31 @@ def _train_positions(records) -> int:
     return sum(r.num_positions for r in records)
 
 
+def test_offline_bootstrap_takes_the_cpus_and_native_bf16_the_online_worker_does_not():
+    """The offline bootstrap (nothing serves beside it) trains on every CPU this process may use, in bf16 where the
+    CPU has it natively; explicit bootstrap knobs win; the online worker's own threads/precision are left alone."""
+    import os
+
+    from lkserve.config import Settings, TrainerSettings
+    from lkserve.trainer.train import native_bf16
+
+    settings = Settings(trainer=TrainerSettings(threads=1, precision="fp32"))
+    cpus = os.sched_getaffinity(0)
+    off = bootstrap.offline_settings(settings).trainer
+    assert (off.threads, off.precision) == (len(cpus), "bf16" if native_bf16() else "fp32")
+    assert (settings.trainer.threads, settings.trainer.precision) == (1, "fp32")
+    try:
+        os.sched_setaffinity(0, {min(cpus)})  # a process allowed one CPU trains on one thread
+        assert bootstrap.offline_settings(settings).trainer.threads == 1
+    finally:
+        os.sched_setaffinity(0, cpus)
+    for precision in ("fp32", "bf16"):
+        pinned = settings.model_copy(update={"trainer": settings.trainer.model_copy(update={
+            "bootstrap_threads": 3, "bootstrap_precision": precision})})
+        assert (bootstrap.offline_settings(pinned).trainer.threads,
+                bootstrap.offline_settings(pinned).trainer.precision) == (3, precision)
+
+
 def test_records_are_saved_once_and_reused(boot_records, tmp_path):
     """The state directory keeps the captured records (lkserve.capture.codec): a rerun captures nothing; other
     capture settings or --fresh capture again."""

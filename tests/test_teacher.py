@@ -135,6 +135,7 @@ def test_teacher_bootstrap_raises_heldout_alpha_and_registers(tiny, redis_url, t
     completions, the teacher pass labels every position, the worker's trainer raises held-out alpha on completions
     of prompts never trained on, and the result is the registry's current version."""
     from lkserve.drafts import DraftRegistry
+    from lkserve.trainer import bootstrap
     from tests.test_bootstrap import _boot_settings, _fresh_prefix
 
     settings = _boot_settings(tiny, redis_url, tmp_path / "cache", _fresh_prefix(redis_url, "tboot"))
@@ -148,7 +149,10 @@ def test_teacher_bootstrap_raises_heldout_alpha_and_registers(tiny, redis_url, t
     b, a = res.before["alpha_mean"], res.after["alpha_mean"]
     assert a >= 1.5 * b and a >= b + 0.02, (res.before, res.after)
     assert registry.current() == res.version
-    assert registry.get(res.version)["source"] == "teacher"
+    meta = registry.get(res.version)
+    assert meta["source"] == "teacher"
+    off = bootstrap.offline_settings(settings).trainer  # what it trained with: the CPU is the bootstrap's
+    assert (meta["threads"], meta["precision"]) == (off.threads, off.precision)
     again = bootstrap_run(settings, registry, tmp_path / "state")  # the state's records: nothing generated again
     assert again.generate_seconds == 0.0 and again.train_records == res.train_records
 

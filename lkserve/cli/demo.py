@@ -201,14 +201,15 @@ def bootstrap_key(settings: Settings, target: str, draft: str, method: str, seed
     """What a cached demo bootstrap must agree with: models (the base draft by its weights' sha256), method, seed,
     the demo's bootstrap budget and the trainer knobs that change what it trains."""
     from lkserve.checkpoint import WEIGHTS_FILE, sha256_file
+    from lkserve.trainer.bootstrap import offline_settings
 
-    d, t = settings.demo, settings.trainer
+    d, t = settings.demo, offline_settings(settings).trainer
     return {"target": str(Path(target).resolve()), "draft": str(Path(draft).resolve()),
             "draft_sha256": sha256_file(Path(draft) / WEIGHTS_FILE), "method": method, "seed": seed,
             "domains": list(BOOTSTRAP_DOMAINS), "prompts": d.bootstrap_prompts, "samples": d.bootstrap_samples,
             "max_tokens": d.bootstrap_max_tokens, "positions": d.bootstrap_positions, "minutes": d.bootstrap_minutes,
             "loss": t.loss, "eta": t.eta, "lr": t.lr_for(method), "batch_positions": t.batch_positions,
-            "train_params": t.train_params, "K": settings.engine.num_speculative_tokens,
+            "train_params": t.train_params, "precision": t.precision, "K": settings.engine.num_speculative_tokens,
             "top_k": settings.capture.top_k, "max_model_len": settings.engine.max_model_len}
 
 

@@ -432,7 +432,7 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
         "heldout_alpha_before": before["alpha_mean"], "heldout_alpha_after": after["alpha_mean"],
         "heldout_tau_before": before["tau"], "heldout_tau_after": after["tau"], "heldout_rows": after["rows"],
         "parent": settings.trainer.base_version, "train_params": settings.trainer.train_params,
-        "precision": settings.trainer.precision,
+        "precision": settings.trainer.precision, "threads": settings.trainer.threads,
         "resumed_from_step": resumed_step, **({"draft_vocab": vocab} if vocab is not None else {}),
         **(extra_metadata or {}),
     })
@@ -514,7 +514,7 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
         train_t += teacher.package_texts(tok, text_tokens, seed=seed)
     from lkserve.trainer.train import set_threads
 
-    set_threads(settings.trainer.threads)  # the trainer's share of the CPU (on a shared CPU, 2 threads can be 3x slower)
+    set_threads(settings.trainer.threads)  # run_bootstrap's offline_settings: the engine is stopped, the CPU is ours
     model = teacher.load_target(settings.engine.target_model)
     aux = teacher.aux_layers_of(settings.engine.draft_model) if settings.engine.method == "eagle3" else None
     rec = lambda seqs, tags: teacher.teacher_records(
@@ -524,17 +524,31 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
     return train_r, held_r, time.perf_counter() - t0
 
 
+def offline_settings(settings):
+    """`settings` with trainer.threads and trainer.precision set to the offline bootstrap's own (bootstrap_threads,
+    bootstrap_precision resolved): its engine is stopped before the teacher pass and training, so they may take every
+    CPU and bf16 matmuls where the CPU has them. EAGLE-3 head, quiet 2-core AVX512-BF16 CPU (bench/train_speed.py):
+    1 thread fp32 333 positions/s (the online worker's knobs), 2 threads fp32 535, 2 threads bf16 1,018."""
+    from lkserve.trainer.train import native_bf16
+
+    t = settings.trainer
+    threads = t.bootstrap_threads or len(os.sched_getaffinity(0))
+    precision = t.bootstrap_precision if t.bootstrap_precision != "auto" else "bf16" if native_bf16() else "fp32"
+    return settings.model_copy(update={"trainer": t.model_copy(update={"threads": threads, "precision": precision})})
+
+
 def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_minutes: float | None = None,
                   seed: int = 0, announce: bool = True, state_dir=None, fresh: bool = False, source: str = "teacher",
                   domains: tuple[str, ...] = DOMAINS, progress=_progress, **capture_kw) -> BootstrapResult:
     """The CLI. source "teacher": teacher_split (the target's own completions, teacher-forced); "served": an
     in-process engine serving settings.engine (capture on, memory sink) captures what verification sees
     (capture_split). Either engine is stopped before training (the CPU is the trainer's then); the draft is trained
-    and registered. `capture_kw`: the split's. `state_dir` (None: no state): resume from it (records, training
+    and registered, with offline_settings' threads and precision. `capture_kw`: the split's. `state_dir` (None: no state): resume from it (records, training
     state); `fresh` discards it first. `domains`: the prompt sets (prompt_texts), recorded as the metadata's
     "prompts" ("mtbench+humaneval" by default)."""
     from lkserve.engine.engine import Engine
 
+    settings = offline_settings(settings)
     if source not in SOURCES:
         raise ValueError(f"bootstrap source must be one of {SOURCES}, not {source!r}")
     state = BootstrapState(state_dir) if state_dir is not None else None

@@ -34,6 +34,12 @@ LOSSES = {
 PRECISIONS = ("fp32", "bf16")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), where bf16 autocast measured faster
+    than fp32 (bench/train_speed.py); elsewhere oneDNN emulates bf16, unmeasured here, so fp32 stays the choice."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def autocast(model, precision: str):
     """The context of a training forward: bf16 autocast of the matmuls (weights stay fp32 masters) or nothing."""
     if precision not in PRECISIONS:
