@@ -1,6 +1,7 @@
 """LK-lambda vs KL on the bootstrap's own data: same records, same budget, same initial head, 3 seeds. JSON out.
 
     python bench/bootstrap_losses.py [--state <cache>/bootstrap/eagle3-0] [--positions 32768] [--seeds 0 1 2]
+                                     [--arms lk_lambda kl]   # an arm: LOSS[:PRECISION[:THREADS]]
 
 Issue 17 asks for "LK-lambda vs KL on the bootstrap (same data, same budget, 3 seeds): the tau difference with its
 spread". Everything here is the bootstrap's own code path, only the loss differs:
@@ -18,9 +19,11 @@ spread". Everything here is the bootstrap's own code path, only the loss differs
   eval_every_steps steps).
 
 Summary: per loss the mean and sample standard deviation over seeds of the final held-out alpha and tau, and the
-paired difference LK-lambda - KL per seed (same data order), mean +- std, min and max. One torch thread per run;
-runs are sequential. Writes bench/results/bootstrap_losses.json (after every run, so a partial run keeps its rows)
-unless --no-write.
+paired difference LK-lambda - KL per seed (same data order), mean +- std, min and max. One torch thread per run
+(--threads); runs are sequential. Arms may also differ in precision and threads (`--arms lk_lambda:fp32:1
+lk_lambda:bf16:2`: the online worker's knobs vs the offline bootstrap's, same loss), then the paired difference is
+first arm minus second and the summary adds positions/s. Writes bench/results/bootstrap_losses.json (after every
+run, so a partial run keeps its rows) unless --no-write.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.layout import host_cpu  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "bootstrap_losses.json"
 
 
@@ -54,21 +59,35 @@ def _mean_or_none(values) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def arm_of(run: dict) -> str:
+    return run.get("arm", run["loss"])
+
+
+def parse_arm(arm: str, threads: int) -> tuple[str, str, int]:
+    """LOSS[:PRECISION[:THREADS]] -> (loss, precision, threads); precision fp32 and --threads unless given."""
+    loss, precision, n = (arm.split(":") + ["fp32", str(threads)][arm.count(":"):])[:3]
+    return loss, precision, int(n)
+
+
 def summarise(runs: list[dict], losses: list[str]) -> dict:
+    """Per arm (`losses`: arm names; an arm of a loss alone is its loss) the held-out alpha/tau over seeds, and the
+    paired difference of two arms by seed."""
     out: dict = {}
     for loss in losses:
-        rs = [r for r in runs if r["loss"] == loss]
+        rs = [r for r in runs if arm_of(r) == loss]
         if rs:
             out[loss] = {"heldout_alpha": stats([r["after"]["alpha_mean"] for r in rs]),
                          "heldout_tau": stats([r["after"]["tau"] for r in rs]),
                          "alpha_per_position_mean": [_mean_or_none(r["after"]["alpha_per_position"][n] for r in rs)
                                                      for n in range(len(rs[0]["after"]["alpha_per_position"]))],
-                         "train_seconds": stats([r["train_seconds"] for r in rs])}
+                         "train_seconds": stats([r["train_seconds"] for r in rs]),
+                         **({"positions_per_s": stats([r["positions_per_s"] for r in rs])}
+                            if all("positions_per_s" in r for r in rs) else {})}
     if len(losses) == 2:
         a, b = losses
-        seeds = sorted({r["seed"] for r in runs if r["loss"] == a} & {r["seed"] for r in runs if r["loss"] == b})
+        seeds = sorted({r["seed"] for r in runs if arm_of(r) == a} & {r["seed"] for r in runs if arm_of(r) == b})
         if seeds:
-            get = lambda loss, s, key: next(r for r in runs if r["loss"] == loss and r["seed"] == s)["after"][key]
+            get = lambda arm, s, key: next(r for r in runs if arm_of(r) == arm and r["seed"] == s)["after"][key]
             out[f"{a}_minus_{b}"] = {
                 "paired_by_seed": seeds,
                 "tau": stats([get(a, s, "tau") - get(b, s, "tau") for s in seeds]),
@@ -80,7 +99,8 @@ def summarise(runs: list[dict], losses: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", default=None, help="bootstrap state directory (default <cache>/bootstrap/eagle3-0)")
-    ap.add_argument("--losses", nargs="+", default=["lk_lambda", "kl"])
+    ap.add_argument("--arms", "--losses", nargs="+", default=["lk_lambda", "kl"],
+                    help="LOSS[:PRECISION[:THREADS]] each (default: lk_lambda kl, fp32, --threads)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--positions", type=int, default=32_768, help="training budget per run, in positions")
     ap.add_argument("--threads", type=int, default=1)
@@ -94,7 +114,7 @@ def main() -> None:
     from lkserve.models.smollm2 import TARGET_NAME
     from lkserve.trainer.bootstrap import BootstrapState, train
     from lkserve.trainer.drafts import ops_for
-    from lkserve.trainer.train import set_threads
+    from lkserve.trainer.train import native_bf16, set_threads
 
     cache = Settings().cache_dir
     state_dir = args.state or os.path.join(cache, "bootstrap", "eagle3-0")
@@ -112,12 +132,13 @@ def main() -> None:
     shutil.copytree(head_src, head)  # the state is read only: every run loads the same copy
     set_threads(args.threads)
 
-    def settings_for(loss: str) -> Settings:
+    def settings_for(arm: str) -> Settings:
+        loss, precision, threads = parse_arm(arm, args.threads)
         return Settings(cache_dir=work, engine=EngineSettings(method="eagle3", draft_model=str(head),
                                                               target_model=str(target)),
-                        trainer=TrainerSettings(loss=loss, threads=args.threads))
+                        trainer=TrainerSettings(loss=loss, threads=threads, precision=precision))
 
-    base = settings_for(args.losses[0])
+    base = settings_for(args.arms[0])
     ops0 = ops_for(base)
     t0 = time.perf_counter()
     before = ops0.evaluate(ops0.trainer(head).model, held_r).as_dict()
@@ -125,16 +146,17 @@ def main() -> None:
     config = {"state": state_dir, "capture_meta": meta, "train_records": len(train_r),
               "train_positions": sum(r.num_positions for r in train_r), "heldout_records": len(held_r),
               "heldout_positions": sum(r.num_positions for r in held_r), "initial_head": head_src,
-              "positions_per_run": args.positions, "seeds": args.seeds, "losses": args.losses,
+              "positions_per_run": args.positions, "seeds": args.seeds, "arms": args.arms,
               "threads": args.threads, "batch_positions": base.trainer.batch_positions,
               "lr": base.trainer.lr_for("eagle3"), "eta": base.trainer.eta, "gamma": base.trainer.gamma,
-              "eval_every_steps": base.trainer.eval_every_steps, "precision": base.trainer.precision,
+              "eval_every_steps": base.trainer.eval_every_steps,
+              "cpu": host_cpu(), "native_bf16": native_bf16(),
               "K": base.engine.num_speculative_tokens,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     runs: list[dict] = []
 
     def write() -> None:
-        result = {"summary": summarise(runs, args.losses), "before": before, "config": config, "runs": runs}
+        result = {"summary": summarise(runs, args.arms), "before": before, "config": config, "runs": runs}
         text = json.dumps(result, indent=2)
         if not args.no_write:
             Path(args.out).write_text(text + "\n")
@@ -142,8 +164,10 @@ def main() -> None:
 
     try:
         for seed in args.seeds:
-            for loss in args.losses:
-                settings = settings_for(loss)
+            for arm in args.arms:
+                settings = settings_for(arm)
+                loss = settings.trainer.loss
+                set_threads(settings.trainer.threads)
                 torch.manual_seed(seed)
                 ops = ops_for(settings)
                 trainer = ops.trainer(head)
@@ -153,10 +177,11 @@ def main() -> None:
                                       seed=seed, progress=lambda *a: None)
                 train_s = time.perf_counter() - t1
                 after = ops.evaluate(trainer.model, held_r).as_dict()
-                runs.append({"loss": loss, "seed": seed, "steps": trainer.step_count, "positions": done,
+                runs.append({"arm": arm, "loss": loss, "precision": settings.trainer.precision,
+                             "threads": settings.trainer.threads, "seed": seed, "steps": trainer.step_count, "positions": done,
                              "train_seconds": round(train_s, 1), "positions_per_s": round(done / train_s, 1),
                              "after": after, "history": history, "load_avg": os.getloadavg()})
-                log(f"{loss:9s} seed {seed}: {trainer.step_count} steps, {done} positions in {train_s:.0f} s; "
+                log(f"{arm:16s} seed {seed}: {trainer.step_count} steps, {done} positions in {train_s:.0f} s; "
                     f"held-out alpha {after['alpha_mean']:.4f} tau {after['tau']:.4f}")
                 write()
     finally:

@@ -63,6 +63,16 @@ def tree(pid: int) -> dict[int, str]:
     return out
 
 
+def host_cpu() -> dict:
+    """The CPU a figure was measured on (figures from different CPUs do not compare): its model, the CPUs this
+    process may use, and the flags that decide how fast bf16 and wide fp32 matmuls run."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    first = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+    flags = set(first("flags").split())
+    return {"model": first("model name"), "cpus": len(os.sched_getaffinity(0)),
+            **{f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16")}}
+
+
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of one process (its own threads; children are counted as processes of the tree)."""
     try:

@@ -288,13 +288,16 @@ def main() -> None:
                     cell[variant]["first_loss_rel_diff_vs_old"] = abs(cell[variant]["first_loss"] - cell["old"]["first_loss"]) / abs(cell["old"]["first_loss"])
             summary[f"{kind}_threads{threads}"] = cell
     n_pos = sum(r.num_positions for r in records)
+    sys.path.insert(0, str(ROOT))  # here, not at import: a --worker process must import the lkserve of its own tree
+    from bench.layout import host_cpu
+
     result = {
         "summary": summary,
         "config": {"records": rec_info, "num_records": len(records), "positions": n_pos,
                    "batch_positions": args.batch_positions, "steps_per_process": args.steps, "rounds": args.rounds,
                    "threads": args.threads, "baseline": args.baseline, "variants": list(args.variants),
                    "loss": "lk_lambda", "K": 4, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                   "wall_s": round(time.time() - t_start, 1), "cpus": os.cpu_count(),
+                   "wall_s": round(time.time() - t_start, 1), "cpus": os.cpu_count(), "cpu": host_cpu(),
                    "load_avg_at_end": os.getloadavg()},
         "runs": runs,
     }
