@@ -194,6 +194,10 @@ class TrainerSettings(BaseModel):
     bootstrap_threads: int | None = Field(
         None, ge=1, description="torch threads of the offline bootstrap's teacher pass and training; None: every CPU "
         "this process may use (the online worker keeps `threads`: it shares the CPU with serving)")
+    bootstrap_eval_positions: int | None = Field(
+        4096, ge=1, description="held-out positions of the bootstrap's evaluations during training (every "
+        "eval_every_steps; a strided sample of the records; None: all): the full held-out split only before and "
+        "after, where the result is reported")
     bootstrap_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`precision` of the offline bootstrap's training; auto: bf16 where the CPU multiplies "
         "bf16 natively (AVX512-BF16 or AMX: 1.9x fp32's positions/s on 2 threads, bench/train_speed.py), else fp32")

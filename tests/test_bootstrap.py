@@ -188,6 +188,19 @@ def test_offline_bootstrap_takes_the_cpus_and_native_bf16_the_online_worker_does
                 bootstrap.offline_settings(pinned).trainer.precision) == (3, precision)
 
 
+def test_training_evaluations_use_a_strided_heldout_sample():
+    """The in-training evaluations take every n-th held-out record (both domains, about the asked positions); the
+    whole split when it is small or no sample is asked."""
+    from types import SimpleNamespace
+
+    recs = [SimpleNamespace(num_positions=100, domain="chat" if i < 30 else "code") for i in range(40)]
+    sample = bootstrap.eval_sample(recs, 1000)
+    assert sample == recs[::4] and sum(r.num_positions for r in sample) == 1000
+    assert {r.domain for r in sample} == {"chat", "code"}
+    assert bootstrap.eval_sample(recs, None) is recs and bootstrap.eval_sample(recs, 4000) is recs
+    assert len(bootstrap.eval_sample(recs, 1500)) == 14  # every 3rd: 1,400 positions
+
+
 def test_records_are_saved_once_and_reused(boot_records, tmp_path):
     """The state directory keeps the captured records (lkserve.capture.codec): a rerun captures nothing; other
     capture settings or --fresh capture again."""

@@ -225,13 +225,24 @@ def _progress(step: int, positions: int, rate: float, alpha: float | None, eta: 
           file=sys.stderr, flush=True)
 
 
+def eval_sample(records: list, positions: int | None) -> list:
+    """Every n-th record, n chosen so about `positions` labelled positions remain (all records when None or when they
+    hold fewer): the in-training evaluations' held-out sample, spread over the whole split (its domains are in order)."""
+    total = sum(r.num_positions for r in records)
+    if positions is None or total <= positions:
+        return records
+    return records[::-(-total // positions)]
+
+
 def train(ops, trainer, train_records: list, heldout_records: list, *, batch_positions: int,
           max_positions: int | None = None, max_minutes: float | None = None, eval_every_steps: int = 20,
-          seed: int = 0, progress=_progress, resume: dict | None = None, save=None) -> tuple[list, int]:
+          eval_positions: int | None = None, seed: int = 0, progress=_progress, resume: dict | None = None,
+          save=None) -> tuple[list, int]:
     """Passes over `train_records` (shuffled each pass, seeded) in steps of ~`batch_positions`, until
     `max_positions` trained in total (counting the positions of `resume`) or `max_minutes` spent in this call
     (at least one step unless the positions are done already). Returns (history of held-out evals, positions
-    trained in total). Held-out records are only evaluated.
+    trained in total). Held-out records are only evaluated: every `eval_every_steps` steps, on eval_sample(...,
+    eval_positions) of them (None: all), so the progress line's held-out alpha does not cost a third of the training.
 
     `save(state)` is called at every evaluation, at the end and on KeyboardInterrupt (then re-raised) with what
     `resume` takes back: {"positions", "rng" (the shuffle RNG at the start of the current pass), "group" (the next
@@ -251,6 +262,7 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
     done_at_start = done
     pass_rng = rng.getstate()
     usable = [r for r in train_records if r.num_positions]
+    probe = eval_sample(heldout_records, eval_positions)
     if not usable:
         raise ValueError("no training positions in the bootstrap records")
 
@@ -283,7 +295,7 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
                 stepped = True
                 rate = (done - done_at_start) / max(1e-9, time.perf_counter() - t0)
                 if trainer.step_count % eval_every_steps == 0:
-                    res = ops.evaluate(trainer.model, heldout_records)
+                    res = ops.evaluate(trainer.model, probe)
                     last_alpha = res.alpha_mean
                     history.append({"step": trainer.step_count, "positions": done, **res.as_dict()})
                     if save is not None:
@@ -421,7 +433,8 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
     t0 = time.perf_counter()
     history, done = train(ops, trainer, train_records, heldout_records,
                           batch_positions=settings.trainer.batch_positions, max_positions=max_positions,
-                          max_minutes=max_minutes, eval_every_steps=settings.trainer.eval_every_steps, seed=seed,
+                          max_minutes=max_minutes, eval_every_steps=settings.trainer.eval_every_steps,
+                          eval_positions=settings.trainer.bootstrap_eval_positions, seed=seed,
                           progress=progress, resume=resume, save=save if state is not None else None)
     train_seconds = time.perf_counter() - t0
     after = ops.evaluate(trainer.model, heldout_records).as_dict()
