@@ -541,7 +541,7 @@ def offline_settings(settings):
     """`settings` with trainer.threads and trainer.precision set to the offline bootstrap's own (bootstrap_threads,
     bootstrap_precision resolved): its engine is stopped before the teacher pass and training, so they may take every
     CPU and bf16 matmuls where the CPU has them. EAGLE-3 head, quiet 2-core AVX512-BF16 CPU (bench/train_speed.py):
-    1 thread fp32 333 positions/s (the online worker's knobs), 2 threads fp32 535, 2 threads bf16 1,018."""
+    1 thread fp32 317 positions/s (the online worker's knobs), 2 threads fp32 505, 2 threads bf16 965."""
     from lkserve.trainer.train import native_bf16
 
     t = settings.trainer
@@ -556,8 +556,8 @@ def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_m
     """The CLI. source "teacher": teacher_split (the target's own completions, teacher-forced); "served": an
     in-process engine serving settings.engine (capture on, memory sink) captures what verification sees
     (capture_split). Either engine is stopped before training (the CPU is the trainer's then); the draft is trained
-    and registered, with offline_settings' threads and precision. `capture_kw`: the split's. `state_dir` (None: no state): resume from it (records, training
-    state); `fresh` discards it first. `domains`: the prompt sets (prompt_texts), recorded as the metadata's
+    and registered, with offline_settings' threads and precision. `capture_kw`: the split's. `state_dir` (None: no
+    state): resume from it (records, training state); `fresh` discards it first. `domains`: the prompt sets (prompt_texts), recorded as the metadata's
     "prompts" ("mtbench+humaneval" by default)."""
     from lkserve.engine.engine import Engine
 
