@@ -168,3 +168,22 @@ def test_eagle3_versions_keep_the_base_heads_config_dtype_and_vocabulary(tiny, t
         ops_for(Settings(cache_dir=tmp_path, engine=EngineSettings(method="eagle3", draft_model=str(base))))
     with pytest.raises(ValueError, match="ngram"):
         ops_for(Settings(cache_dir=tmp_path, engine=EngineSettings(method="ngram", draft_model=str(base))))
+
+
+def test_both_trainer_kinds_follow_the_configured_lr_schedule(tiny, eagle3_heads):
+    """`trainer.lr_schedule = cosine` reaches the EAGLE-3 head's trainer as it does the draft model's (it used to
+    train the head at a constant lr whatever the setting said): warm-up, then cosine to min_lr_ratio at total_steps."""
+    from lkserve.config import EngineSettings, Settings, TrainerSettings
+    from lkserve.trainer.drafts import ops_for
+
+    trainer_cfg = TrainerSettings(lr=1e-2, lr_schedule="cosine", total_steps=20, warmup_steps=4)
+    heads = {"draft_model": tiny.random_draft, "eagle3": eagle3_heads.random}
+    for method, start in heads.items():
+        settings = Settings(engine=EngineSettings(method=method, target_model=str(tiny.target),
+                                                  draft_model=str(start)), trainer=trainer_cfg)
+        trainer = ops_for(settings).trainer(start)
+        lrs = [trainer.lr_at(s) for s in range(30)]
+        assert lrs[0] == pytest.approx(2.5e-3) and lrs[3] == pytest.approx(1e-2), method  # warm-up
+        assert lrs[4] == pytest.approx(1e-2) and lrs[12] == pytest.approx(5.5e-3), method  # half-way: (1 + 0.1) / 2
+        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])), method
+        assert lrs[20] == pytest.approx(1e-3) and lrs[29] == pytest.approx(1e-3), method  # held at min_lr_ratio

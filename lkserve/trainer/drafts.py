@@ -33,6 +33,8 @@ class TrainingKnobs:
     max_context: int
     batch_positions: int
     warmup_steps: int
+    lr_schedule: str = "constant"
+    total_steps: int = 100_000
     precision: str = "fp32"
 
 
@@ -41,8 +43,6 @@ class DraftModelOps(TrainingKnobs):
     """A small causal LM drafting on its own (vLLM method "draft_model")."""
 
     train_params: str
-    lr_schedule: str
-    total_steps: int
 
     def trainer(self, start_dir):
         from lkserve.trainer.train import DraftTrainer
@@ -91,7 +91,8 @@ class Eagle3Ops(TrainingKnobs):
 
         return Eagle3Trainer(self.load(start_dir), loss=self.loss, eta=self.eta, gamma=self.gamma, lr=self.lr,
                              grad_clip=self.grad_clip, num_steps=self.num_positions, max_context=self.max_context,
-                             warmup_steps=self.warmup_steps, precision=self.precision)
+                             warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+                             total_steps=self.total_steps, precision=self.precision)
 
     def batch(self, records):
         from lkserve.trainer.eagle3 import build_eagle3_batch
@@ -131,10 +132,10 @@ def ops_for(settings):
     t, engine = settings.trainer, settings.engine
     common = {"loss": t.loss, "eta": t.eta, "gamma": t.gamma, "lr": t.lr_for(engine.method), "grad_clip": t.grad_clip,
               "num_positions": engine.num_speculative_tokens, "max_context": engine.max_model_len,
-              "batch_positions": t.batch_positions, "warmup_steps": t.warmup_steps, "precision": t.precision}
+              "batch_positions": t.batch_positions, "warmup_steps": t.warmup_steps, "lr_schedule": t.lr_schedule,
+              "total_steps": t.total_steps, "precision": t.precision}
     if engine.method == "draft_model":
-        return DraftModelOps(train_params=t.train_params, lr_schedule=t.lr_schedule, total_steps=t.total_steps,
-                             **common)
+        return DraftModelOps(train_params=t.train_params, **common)
     if engine.method == "eagle3":
         if not engine.target_model:
             raise ValueError("method='eagle3' needs target_model: the head shares the target's token embedding")

@@ -37,6 +37,7 @@ from lkserve.trainer.train import (
     head_rows,
     keep_freed_memory,
     q_from_logits,
+    scheduled_lr,
     train_step,
 )
 
@@ -209,7 +210,8 @@ class Eagle3Trainer:
 
     def __init__(self, head: Eagle3Head, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_steps: int = 4, max_context: int = 2048,
-                 warmup_steps: int = 0, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True,
+                 warmup_steps: int = 0, lr_schedule: str = "constant", total_steps: int = 10_000,
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas=(0.9, 0.95), all_steps: bool = True,
                  precision: str = "fp32"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
@@ -221,13 +223,13 @@ class Eagle3Trainer:
         self.loss_name, self.eta, self.gamma = loss, eta, gamma
         self.base_lr, self.grad_clip, self.num_steps = lr, grad_clip, num_steps
         self.max_context, self.warmup_steps, self.all_steps = max_context, warmup_steps, all_steps
+        self.lr_schedule, self.total_steps, self.min_lr_ratio = lr_schedule, total_steps, min_lr_ratio
         self.optimizer = torch.optim.AdamW(head.trainable_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
         self.step_count = 0
 
     def lr_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        return self.base_lr
+        return scheduled_lr(step, self.base_lr, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+                            total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio)
 
     def make_batch(self, records) -> Eagle3Batch:
         return build_eagle3_batch(records, self.num_steps, self.max_context, self.all_steps)

@@ -153,6 +153,18 @@ class StepResult:
     lr: float
 
 
+def scheduled_lr(step: int, base_lr: float, *, warmup_steps: int = 0, lr_schedule: str = "constant",
+                 total_steps: int = 10_000, min_lr_ratio: float = 0.1) -> float:
+    """The lr of optimizer step `step` (0-based), for both trainer kinds: linear warm-up, then constant or cosine
+    from base_lr down to min_lr_ratio * base_lr at total_steps (held there after)."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if lr_schedule == "cosine":
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return base_lr
+
+
 class DraftTrainer:
     def __init__(self, model_dir: str, *, loss: str = "lk_lambda", eta: float = 3.0, gamma: float = 0.8,
                  lr: float = 3e-3, grad_clip: float = 1.0, num_positions: int = 4, train_params: str = "layers",
@@ -179,12 +191,8 @@ class DraftTrainer:
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        if self.lr_schedule == "cosine":
-            t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return self.base_lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-        return self.base_lr
+        return scheduled_lr(step, self.base_lr, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+                            total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def loss_on(self, batch: Batch):
