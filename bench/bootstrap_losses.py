@@ -178,7 +178,8 @@ def main() -> None:
                 train_s = time.perf_counter() - t1
                 after = ops.evaluate(trainer.model, held_r).as_dict()
                 runs.append({"arm": arm, "loss": loss, "precision": settings.trainer.precision,
-                             "threads": settings.trainer.threads, "seed": seed, "steps": trainer.step_count, "positions": done,
+                             "threads": settings.trainer.threads, "seed": seed, "steps": trainer.step_count,
+                             "positions": done,
                              "train_seconds": round(train_s, 1), "positions_per_s": round(done / train_s, 1),
                              "after": after, "history": history, "load_avg": os.getloadavg()})
                 log(f"{arm:16s} seed {seed}: {trainer.step_count} steps, {done} positions in {train_s:.0f} s; "

@@ -226,8 +226,9 @@ def _progress(step: int, positions: int, rate: float, alpha: float | None, eta: 
 
 
 def eval_sample(records: list, positions: int | None) -> list:
-    """Every n-th record, n chosen so about `positions` labelled positions remain (all records when None or when they
-    hold fewer): the in-training evaluations' held-out sample, spread over the whole split (its domains are in order)."""
+    """Every n-th record, n chosen so about `positions` labelled positions remain (all records when None or when
+    they hold fewer): the in-training evaluations' held-out sample, spread over the whole split (its domains are in
+    order)."""
     total = sum(r.num_positions for r in records)
     if positions is None or total <= positions:
         return records
@@ -557,8 +558,8 @@ def run_bootstrap(settings, registry, *, max_positions: int | None = None, max_m
     in-process engine serving settings.engine (capture on, memory sink) captures what verification sees
     (capture_split). Either engine is stopped before training (the CPU is the trainer's then); the draft is trained
     and registered, with offline_settings' threads and precision. `capture_kw`: the split's. `state_dir` (None: no
-    state): resume from it (records, training state); `fresh` discards it first. `domains`: the prompt sets (prompt_texts), recorded as the metadata's
-    "prompts" ("mtbench+humaneval" by default)."""
+    state): resume from it (records, training state); `fresh` discards it first. `domains`: the prompt sets
+    (prompt_texts), recorded as the metadata's "prompts" ("mtbench+humaneval" by default)."""
     from lkserve.engine.engine import Engine
 
     settings = offline_settings(settings)
