@@ -8,7 +8,8 @@ first turns and HumanEval stubs, alternating, chat template), `--max-tokens` eac
 - T=0 at 1 stream: tau and tokens/s.
 
 Rows: `no_spec`, `ngram`, `untrained_<kind>` (the base a bootstrap starts from), `bootstrapped_<kind>` (a draft
-directory given with --bootstrapped KIND=DIR, e.g. the registry path `lkserve draft bootstrap` printed). The rows
+directory given with --bootstrapped KIND=DIR, e.g. the registry path `lkserve draft bootstrap` printed;
+`bootstrapped_<kind>_<tag>` for KIND:TAG=DIR, so two drafts of one kind are served side by side). The rows
 take turns (`--rounds`) so drift on a shared machine hits all alike; figures are the medians of the turns. The
 `static` / `adapted` rows come from bench/adapted.py (a demo's bootstrapped draft vs its last adapted version on
 HumanEval prompts the demo never served, its own run with its own no_spec row), attached with `--adapted FILE`;
@@ -133,7 +134,7 @@ def sha256_of(draft_dir: str) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bootstrapped", action="append", default=[], metavar="KIND=DIR",
+    ap.add_argument("--bootstrapped", action="append", default=[], metavar="KIND[:TAG]=DIR",
                     help="a bootstrapped draft of kind draft_model or eagle3 (repeatable)")
     ap.add_argument("--prompts", type=int, default=12, help="held-out prompts at T=1, 4 streams")
     ap.add_argument("--prompts-1stream", type=int, default=4, help="held-out prompts at T=0, 1 stream")
@@ -156,16 +157,17 @@ def main() -> None:
     from lkserve.config import EngineSettings
     from lkserve.models.prepare import prepare_default_models
 
-    boot = dict(b.split("=", 1) for b in args.bootstrapped)
-    kinds = sorted(set(boot) | ({"draft_model"} if not args.no_untrained else set()))
+    boot = dict(b.split("=", 1) for b in args.bootstrapped)  # KIND or KIND:TAG -> dir
+    kinds = sorted({b.split(":")[0] for b in boot} | ({"draft_model"} if not args.no_untrained else set()))
     target = None
     rows: dict[str, EngineSettings] = {}
     for kind in kinds:
         target, base = prepare_default_models(args.cache_dir, method=kind)
         if not args.no_untrained:
             rows[f"untrained_{kind}"] = (kind, str(base))
-        if kind in boot:
-            rows[f"bootstrapped_{kind}"] = (kind, os.path.expanduser(boot[kind]))
+        for key, d in boot.items():
+            if key.split(":")[0] == kind:
+                rows["_".join(["bootstrapped", kind, *key.split(":")[1:]])] = (kind, os.path.expanduser(d))
     if target is None:
         target, _ = prepare_default_models(args.cache_dir)
     common = {"target_model": str(target), "num_speculative_tokens": args.k, "max_num_seqs": 8}

@@ -1,7 +1,8 @@
 """LK-lambda vs KL on the bootstrap's own data: same records, same budget, same initial head, 3 seeds. JSON out.
 
     python bench/bootstrap_losses.py [--state <cache>/bootstrap/eagle3-0] [--positions 32768] [--seeds 0 1 2]
-                                     [--arms lk_lambda kl]   # an arm: LOSS[:PRECISION[:THREADS]]
+                                     [--arms lk_lambda kl]   # an arm: LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]]
+                                     [--lr-schedule cosine]
 
 Issue 17 asks for "LK-lambda vs KL on the bootstrap (same data, same budget, 3 seeds): the tau difference with its
 spread". Everything here is the bootstrap's own code path, only the loss differs:
@@ -12,7 +13,7 @@ spread". Everything here is the bootstrap's own code path, only the loss differs
   to a temporary directory so the state is never written; every run starts from these same weights;
 - training: lkserve.trainer.bootstrap.train with the worker's ops (lkserve.trainer.drafts.ops_for on Settings with
   method "eagle3" and settings.trainer.loss = lk_lambda or kl; everything else default: lr 1e-3, batch 1,024
-  positions, gamma 0.8, eta 3, K = 4, fp32), for --positions positions; the seed sets the shuffle of the passes
+  positions, gamma 0.8, eta 3, K = the engine default (2 on CPU), fp32), for --positions positions; the seed sets the shuffle of the passes
   (the data order), not the initial weights;
 - measured: held-out alpha per draft position (the gate's exact top-k lower bound, lkserve.trainer.gate) and the
   gate's tau = 1 + sum_n prod_{j<=n} alpha_j, before training and after, plus the bootstrap's history (every
@@ -22,7 +23,12 @@ Summary: per loss the mean and sample standard deviation over seeds of the final
 paired difference LK-lambda - KL per seed (same data order), mean +- std, min and max. One torch thread per run
 (--threads); runs are sequential. Arms may also differ in precision and threads (`--arms lk_lambda:fp32:1
 lk_lambda:bf16:2`: the online worker's knobs vs the offline bootstrap's, same loss), then the paired difference is
-first arm minus second and the summary adds positions/s. Writes bench/results/bootstrap_losses.json (after every
+first arm minus second and the summary adds positions/s. LABELS `completion` trains on the completions' positions
+only (lkserve.trainer.teacher.labels_from at the chat template's generation header: the prompt is read, not
+predicted); every arm is evaluated on the whole held-out split (`after`) and on its completions only
+(`after_completion`, the positions serving drafts). --lr-schedule cosine decays every arm's lr over its budget, so
+the end point is not one noisy step of a constant lr. CHUNK > 1 forms batches from runs of CHUNK batches' records
+sorted by length (trainer.bootstrap_length_chunk); each run records the padded work's useful fraction. Writes bench/results/bootstrap_losses.json (after every
 run, so a partial run keeps its rows) unless --no-write.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -63,10 +70,35 @@ def arm_of(run: dict) -> str:
     return run.get("arm", run["loss"])
 
 
-def parse_arm(arm: str, threads: int) -> tuple[str, str, int]:
-    """LOSS[:PRECISION[:THREADS]] -> (loss, precision, threads); precision fp32 and --threads unless given."""
-    loss, precision, n = (arm.split(":") + ["fp32", str(threads)][arm.count(":"):])[:3]
-    return loss, precision, int(n)
+def parse_arm(arm: str, threads: int) -> tuple[str, str, int, str, int]:
+    """LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]] -> (loss, precision, threads, labels, length chunk); fp32,
+    --threads, all and 0 unless given."""
+    loss, precision, n, labels, chunk = (arm.split(":") + ["fp32", str(threads), "all", "0"][arm.count(":"):])[:5]
+    return loss, precision, int(n), labels, int(chunk)
+
+
+def useful_fraction(groups: list) -> float:
+    """Context tokens over padded tokens (each batch padded to its longest record) of one pass's batches."""
+    lens = [[len(r.context_token_ids) for r in g] for g in groups]
+    return sum(map(sum, lens)) / sum(len(x) * max(x) for x in lens)
+
+
+def completion_start(record, header: list[int]) -> int:
+    """Context position of the first completion token: after the first chat-template generation header
+    (`header`, e.g. "<|im_start|>assistant\\n"); 0 when there is none (text without a prompt)."""
+    ctx, n = list(record.context_token_ids), len(header)
+    return next((i + n for i in range(len(ctx) - n + 1) if ctx[i: i + n] == header), 0)
+
+
+def completions_only(records: list, header: list[int]) -> list:
+    """teacher.completion_labels where the records carry their completion_start tag, else cut at the header."""
+    from lkserve.trainer.teacher import completion_labels, labels_from
+
+    tagged = completion_labels(records)
+    if tagged is not None:
+        return tagged
+    out = [labels_from(r, completion_start(r, header)) for r in records]
+    return [r for r in out if r.num_positions]
 
 
 def summarise(runs: list[dict], losses: list[str]) -> dict:
@@ -78,6 +110,9 @@ def summarise(runs: list[dict], losses: list[str]) -> dict:
         if rs:
             out[loss] = {"heldout_alpha": stats([r["after"]["alpha_mean"] for r in rs]),
                          "heldout_tau": stats([r["after"]["tau"] for r in rs]),
+                         **({"heldout_completion_alpha": stats([r["after_completion"]["alpha_mean"] for r in rs]),
+                             "heldout_completion_tau": stats([r["after_completion"]["tau"] for r in rs])}
+                            if all("after_completion" in r for r in rs) else {}),
                          "alpha_per_position_mean": [_mean_or_none(r["after"]["alpha_per_position"][n] for r in rs)
                                                      for n in range(len(rs[0]["after"]["alpha_per_position"]))],
                          "train_seconds": stats([r["train_seconds"] for r in rs]),
@@ -93,6 +128,13 @@ def summarise(runs: list[dict], losses: list[str]) -> dict:
                 "tau": stats([get(a, s, "tau") - get(b, s, "tau") for s in seeds]),
                 "alpha": stats([get(a, s, "alpha_mean") - get(b, s, "alpha_mean") for s in seeds]),
             }
+            pair = lambda arm, s: next(r for r in runs if arm_of(r) == arm and r["seed"] == s)
+            if all("after_completion" in pair(x, s) for x in (a, b) for s in seeds):
+                get_c = lambda arm, s, key: pair(arm, s)["after_completion"][key]
+                out[f"{a}_minus_{b}"]["completion_tau"] = stats([get_c(a, s, "tau") - get_c(b, s, "tau")
+                                                                 for s in seeds])
+                out[f"{a}_minus_{b}"]["completion_alpha"] = stats(
+                    [get_c(a, s, "alpha_mean") - get_c(b, s, "alpha_mean") for s in seeds])
     return out
 
 
@@ -100,7 +142,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", default=None, help="bootstrap state directory (default <cache>/bootstrap/eagle3-0)")
     ap.add_argument("--arms", "--losses", nargs="+", default=["lk_lambda", "kl"],
-                    help="LOSS[:PRECISION[:THREADS]] each (default: lk_lambda kl, fp32, --threads)")
+                    help="LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]] each (default: lk_lambda kl, fp32, --threads, "
+                         "all; LABELS all or completion)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="cosine: over each run's budget (total_steps = positions / batch_positions)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--positions", type=int, default=32_768, help="training budget per run, in positions")
     ap.add_argument("--threads", type=int, default=1)
@@ -112,7 +157,7 @@ def main() -> None:
 
     from lkserve.config import EngineSettings, Settings, TrainerSettings
     from lkserve.models.smollm2 import TARGET_NAME
-    from lkserve.trainer.bootstrap import BootstrapState, train
+    from lkserve.trainer.bootstrap import BootstrapState, length_groups, train
     from lkserve.trainer.drafts import ops_for
     from lkserve.trainer.train import native_bf16, set_threads
 
@@ -133,12 +178,18 @@ def main() -> None:
     set_threads(args.threads)
 
     def settings_for(arm: str) -> Settings:
-        loss, precision, threads = parse_arm(arm, args.threads)
+        loss, precision, threads, _, chunk = parse_arm(arm, args.threads)
+        t = TrainerSettings(loss=loss, threads=threads, precision=precision, lr_schedule=args.lr_schedule,
+                            bootstrap_length_chunk=chunk)
+        t = t.model_copy(update={"total_steps": max(1, args.positions // t.batch_positions)})
         return Settings(cache_dir=work, engine=EngineSettings(method="eagle3", draft_model=str(head),
-                                                              target_model=str(target)),
-                        trainer=TrainerSettings(loss=loss, threads=threads, precision=precision))
+                                                              target_model=str(target)), trainer=t)
 
     base = settings_for(args.arms[0])
+    from transformers import AutoTokenizer
+
+    header = AutoTokenizer.from_pretrained(target).encode("<|im_start|>assistant\n")
+    train_c, held_c = completions_only(train_r, header), completions_only(held_r, header)
     ops0 = ops_for(base)
     t0 = time.perf_counter()
     before = ops0.evaluate(ops0.trainer(head).model, held_r).as_dict()
@@ -146,6 +197,9 @@ def main() -> None:
     config = {"state": state_dir, "capture_meta": meta, "train_records": len(train_r),
               "train_positions": sum(r.num_positions for r in train_r), "heldout_records": len(held_r),
               "heldout_positions": sum(r.num_positions for r in held_r), "initial_head": head_src,
+              "train_completion_positions": sum(r.num_positions for r in train_c),
+              "heldout_completion_positions": sum(r.num_positions for r in held_c),
+              "lr_schedule": args.lr_schedule, "eval_positions": base.trainer.bootstrap_eval_positions,
               "positions_per_run": args.positions, "seeds": args.seeds, "arms": args.arms,
               "threads": args.threads, "batch_positions": base.trainer.batch_positions,
               "lr": base.trainer.lr_for("eagle3"), "eta": base.trainer.eta, "gamma": base.trainer.gamma,
@@ -166,24 +220,35 @@ def main() -> None:
         for seed in args.seeds:
             for arm in args.arms:
                 settings = settings_for(arm)
-                loss = settings.trainer.loss
+                loss, labels = settings.trainer.loss, parse_arm(arm, args.threads)[3]
+                records = train_c if labels == "completion" else train_r
+                probe = held_c if labels == "completion" else held_r
                 set_threads(settings.trainer.threads)
                 torch.manual_seed(seed)
                 ops = ops_for(settings)
                 trainer = ops.trainer(head)
                 t1 = time.perf_counter()
-                history, done = train(ops, trainer, train_r, held_r, batch_positions=settings.trainer.batch_positions,
+                history, done = train(ops, trainer, records, probe, batch_positions=settings.trainer.batch_positions,
                                       max_positions=args.positions, eval_every_steps=settings.trainer.eval_every_steps,
+                                      eval_positions=settings.trainer.bootstrap_eval_positions,
+                                      length_chunk=settings.trainer.bootstrap_length_chunk,
                                       seed=seed, progress=lambda *a: None)
                 train_s = time.perf_counter() - t1
                 after = ops.evaluate(trainer.model, held_r).as_dict()
-                runs.append({"arm": arm, "loss": loss, "precision": settings.trainer.precision,
+                after_c = ops.evaluate(trainer.model, held_c).as_dict()
+                chunk = settings.trainer.bootstrap_length_chunk
+                useful = useful_fraction(length_groups(records, settings.trainer.batch_positions, chunk,
+                                                       random.Random(seed)))
+                runs.append({"arm": arm, "loss": loss, "labels": labels, "length_chunk": chunk,
+                             "padding_useful_fraction": round(useful, 3), "precision": settings.trainer.precision,
                              "threads": settings.trainer.threads, "seed": seed, "steps": trainer.step_count,
                              "positions": done,
                              "train_seconds": round(train_s, 1), "positions_per_s": round(done / train_s, 1),
-                             "after": after, "history": history, "load_avg": os.getloadavg()})
+                             "after": after, "after_completion": after_c, "history": history,
+                             "load_avg": os.getloadavg()})
                 log(f"{arm:16s} seed {seed}: {trainer.step_count} steps, {done} positions in {train_s:.0f} s; "
-                    f"held-out alpha {after['alpha_mean']:.4f} tau {after['tau']:.4f}")
+                    f"held-out alpha {after['alpha_mean']:.4f} tau {after['tau']:.4f}; completions "
+                    f"{after_c['alpha_mean']:.4f} tau {after_c['tau']:.4f}")
                 write()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -153,6 +153,9 @@ def test_teacher_bootstrap_raises_heldout_alpha_and_registers(tiny, redis_url, t
     assert meta["source"] == "teacher"
     off = bootstrap.offline_settings(settings).trainer  # what it trained with: the CPU is the bootstrap's
     assert (meta["threads"], meta["precision"]) == (off.threads, off.precision)
+    # the completions alone, as serving drafts them: fewer rows than the whole split, reported beside it
+    assert 0 < res.after_completion["rows"] < res.after["rows"]
+    assert meta["heldout_completion_alpha_after"] == res.after_completion["alpha_mean"]
     again = bootstrap_run(settings, registry, tmp_path / "state")  # the state's records: nothing generated again
     assert again.generate_seconds == 0.0 and again.train_records == res.train_records
 
@@ -184,3 +187,50 @@ def test_teacher_greedy_adds_each_train_prompts_greedy_completion(tiny, tmp_path
     sampled, greedy = [top1_rate(r) for r in train[:n_train]], [top1_rate(r) for r in train[n_train:]]
     print(f"\ntop-1 agreement: sampled {np.mean(sampled):.3f}, greedy {np.mean(greedy):.3f}")
     assert np.mean(greedy) > 0.9 and np.mean(sampled) < 0.6
+
+
+def test_completion_labels_keep_only_the_completion_from_each_windows_start(tiny):
+    """`starts` tags each window with its first completion position in its own coordinates; completion_labels
+    keeps the labels from there (a window wholly inside the prompt is dropped), with the same target rows, context
+    and hidden states as the records labelling everything; untagged records give None."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.target))
+    model = teacher.load_target(tiny.target)
+    seq = tok("def f(x):\n    return x + 1\n" * 30)["input_ids"]
+    kw = {"top_k": 8, "num_positions": 4, "aux_layer_ids": [0, 2], "window": 64}
+    full = teacher.teacher_records(model, [seq], **kw)
+    tagged = teacher.teacher_records(model, [seq], starts=[100], **kw)
+    assert [r.tags["completion_start"] for r in tagged[:3]] == ["100", "36", "0"]
+    assert [r.num_positions for r in tagged] == [r.num_positions for r in full]  # tagging labels everything
+    part = teacher.completion_labels(tagged)
+    assert len(part) == len(full) - 1  # window 0..63 lies before position 100: dropped
+    first = part[0]  # the window at 64: positions 36.. of its own 1..63
+    assert first.positions.tolist() == list(range(36, 64))
+    assert np.array_equal(first.topk_ids, full[1].topk_ids[35:])
+    assert np.array_equal(first.context_token_ids, full[1].context_token_ids)
+    assert np.array_equal(first.hidden_states, full[1].hidden_states)
+    assert [r.num_positions for r in part[1:]] == [r.num_positions for r in full[2:]]
+    assert teacher.completion_labels(full) is None
+
+
+def test_teacher_completion_labels_skip_every_prompt_position(tiny, tmp_path):
+    """labels="completion": each record's labels start at its prompt's length (the chat template's generation
+    prompt ends there), on both sides of the split; "all" labels the prompt too. Unknown labels are refused."""
+    from lkserve.trainer import bootstrap
+    from tests.test_bootstrap import _boot_settings
+
+    settings = _boot_settings(tiny, None, tmp_path / "cache", "labels")
+    kw = {"max_prompts": 10, "max_tokens": 16, "max_prompt_tokens": 48, "concurrency": 8}
+    train, held, _ = bootstrap.teacher_split(settings, labels="completion", **kw)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.target))
+    train_p, held_p = bootstrap.bootstrap_prompts(0.2, 10, 0)
+    for recs, ps in ((train, train_p), (held, held_p)):
+        assert len(recs) == len(ps)  # one window per sequence at these lengths
+        for r, (_, text) in zip(recs, ps):
+            n = len(bootstrap.encode(tok, text, 48))
+            assert int(r.positions.min()) == n and int(r.positions.max()) == len(r.context_token_ids) - 1
+    with pytest.raises(ValueError, match="labels"):
+        bootstrap.teacher_split(settings, labels="prompt", **kw)

@@ -111,12 +111,14 @@ def cmd_draft_bootstrap(args: argparse.Namespace) -> int:
                             concurrency=args.concurrency, domains=tuple(args.domains.split(",")),
                             # greedy only when asked: the state's capture metadata of earlier runs stays valid
                             **({"samples": args.samples, "text_tokens": args.text_tokens,
-                                **({"greedy": True} if args.greedy else {})}
+                                **({"greedy": True} if args.greedy else {}),
+                                **({"labels": args.labels} if args.labels != "all" else {})}
                                if args.source == "teacher" else {}))
     finally:
         if handle is not None:
             handle.stop()
     print(json.dumps({"version": res.version, "heldout_before": res.before, "heldout_after": res.after,
+                      "heldout_completion_after": res.after_completion,
                       "steps": res.steps, "positions_trained": res.positions_trained,
                       "resumed_from_step": res.resumed_step, "resumed_from_positions": res.resumed_positions,
                       "draft_vocab": res.vocab, "state_dir": str(state_dir),
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--samples", type=int, default=1, help="teacher: completions per train prompt")
     boot.add_argument("--greedy", action="store_true",
                       help="teacher: add the greedy (T=0) completion of every train prompt to the --samples ones")
+    boot.add_argument("--labels", choices=("all", "completion"), default="all",
+                      help="teacher: which positions are labels, train and held-out: all (prompt included) or "
+                           "completion (only the completions, the text serving drafts)")
     boot.add_argument("--text-tokens", type=int, default=0,
                       help="teacher: add this many tokens of installed packages' text and code to the train data")
     boot.set_defaults(func=cmd_draft_bootstrap)

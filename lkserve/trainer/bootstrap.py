@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from lkserve.trainer.examples import split_by_positions
 
 SOURCES = ("teacher", "served")
+LABELS = ("all", "completion")  # teacher_split: which positions are labels
 
 
 @dataclass
@@ -57,6 +58,7 @@ class BootstrapResult:
     resumed_step: int = 0  # the step the run continued from (0: a fresh start)
     resumed_positions: int = 0
     vocab: dict | None = None  # EAGLE-3: where the draft vocabulary came from
+    after_completion: dict | None = None  # held-out completions only (teacher records), what serving drafts
 
 
 _RECORDS_MAGIC = b"LKRS"
@@ -235,15 +237,30 @@ def eval_sample(records: list, positions: int | None) -> list:
     return records[::-(-total // positions)]
 
 
+def length_groups(order: list, batch_positions: int, chunk_batches: int, rng) -> list[list]:
+    """Batches (split_by_positions) of the shuffled `order`; with chunk_batches > 1 each run of records worth
+    ~chunk_batches batches is sorted by context length first and its batches are shuffled (`rng`), so records of
+    similar lengths share a batch (less padding) while every pass still mixes the data in a new order."""
+    if chunk_batches <= 1:
+        return split_by_positions(order, batch_positions)
+    groups = []
+    for chunk in split_by_positions(order, batch_positions * chunk_batches):
+        part = split_by_positions(sorted(chunk, key=lambda r: len(r.context_token_ids)), batch_positions)
+        rng.shuffle(part)
+        groups += part
+    return groups
+
+
 def train(ops, trainer, train_records: list, heldout_records: list, *, batch_positions: int,
           max_positions: int | None = None, max_minutes: float | None = None, eval_every_steps: int = 20,
           eval_positions: int | None = None, seed: int = 0, progress=_progress, resume: dict | None = None,
-          save=None) -> tuple[list, int]:
+          save=None, length_chunk: int = 0) -> tuple[list, int]:
     """Passes over `train_records` (shuffled each pass, seeded) in steps of ~`batch_positions`, until
     `max_positions` trained in total (counting the positions of `resume`) or `max_minutes` spent in this call
     (at least one step unless the positions are done already). Returns (history of held-out evals, positions
     trained in total). Held-out records are only evaluated: every `eval_every_steps` steps, on eval_sample(...,
     eval_positions) of them (None: all), so the progress line's held-out alpha does not cost a third of the training.
+    `length_chunk`: length_groups' chunk_batches (0: the shuffled order's own batches).
 
     `save(state)` is called at every evaluation, at the end and on KeyboardInterrupt (then re-raised) with what
     `resume` takes back: {"positions", "rng" (the shuffle RNG at the start of the current pass), "group" (the next
@@ -281,7 +298,7 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
             order = usable[:]
             rng.shuffle(order)
             first, stepped = next_group, False
-            for gi, group in enumerate(split_by_positions(order, batch_positions)):
+            for gi, group in enumerate(length_groups(order, batch_positions, length_chunk, rng)):
                 if gi < first:
                     continue
                 next_group = gi + 1
@@ -329,7 +346,8 @@ def _fingerprint(settings, base, seed: int, train_records: list, heldout_records
     return {"method": settings.engine.method, "base": str(base), "seed": seed, "loss": t.loss, "eta": t.eta,
             "lr": t.lr_for(settings.engine.method), "batch_positions": t.batch_positions,
             "train_params": t.train_params, "num_positions": settings.engine.num_speculative_tokens,
-            "train_records": len(train_records), "heldout_records": len(heldout_records)}
+            "train_records": len(train_records), "heldout_records": len(heldout_records),
+            **({"length_chunk": t.bootstrap_length_chunk} if t.bootstrap_length_chunk else {})}
 
 
 def rebuild_head_vocab(base_dir, target_dir, records: list, out_dir, num_speculative_tokens: int) -> dict | None:
@@ -436,15 +454,22 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
                           batch_positions=settings.trainer.batch_positions, max_positions=max_positions,
                           max_minutes=max_minutes, eval_every_steps=settings.trainer.eval_every_steps,
                           eval_positions=settings.trainer.bootstrap_eval_positions, seed=seed,
-                          progress=progress, resume=resume, save=save if state is not None else None)
+                          progress=progress, resume=resume, save=save if state is not None else None,
+                          length_chunk=settings.trainer.bootstrap_length_chunk)
     train_seconds = time.perf_counter() - t0
     after = ops.evaluate(trainer.model, heldout_records).as_dict()
+    from lkserve.trainer.teacher import completion_labels
+
+    held_c = completion_labels(heldout_records)  # a prompt's positions are prefilled, never drafted
+    after_c = ops.evaluate(trainer.model, held_c).as_dict() if held_c else None
     register_base(registry, start, settings.trainer.base_version)
     meta = publish(registry, trainer.model, base, settings.cache_dir, save=ops.save, announce=announce, metadata={
         "method": settings.engine.method, "loss": settings.trainer.loss, "eta": settings.trainer.eta,
         "step": trainer.step_count, "positions_trained": done, "bootstrap": True, "seed": seed,
         "heldout_alpha_before": before["alpha_mean"], "heldout_alpha_after": after["alpha_mean"],
         "heldout_tau_before": before["tau"], "heldout_tau_after": after["tau"], "heldout_rows": after["rows"],
+        **({"heldout_completion_alpha_after": after_c["alpha_mean"], "heldout_completion_tau_after": after_c["tau"],
+            "heldout_completion_rows": after_c["rows"]} if after_c else {}),
         "parent": settings.trainer.base_version, "train_params": settings.trainer.train_params,
         "precision": settings.trainer.precision, "threads": settings.trainer.threads,
         "resumed_from_step": resumed_step, **({"draft_vocab": vocab} if vocab is not None else {}),
@@ -456,7 +481,7 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
         shutil.rmtree(os.path.dirname(base), ignore_errors=True)
     return BootstrapResult(meta["version"], before, after, trainer.step_count, done, len(train_records),
                            len(heldout_records), generate_seconds, train_seconds, history, resumed_step,
-                           resumed_positions, vocab)
+                           resumed_positions, vocab, after_c)
 
 
 async def capture_split(engine, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
@@ -493,14 +518,18 @@ def records_for(state: BootstrapState | None, capture, meta: dict):
 def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int | None = None,
                   max_tokens: int = 128, temperature: float = 1.0, max_prompt_tokens: int = 256,
                   concurrency: int = 32, samples: int = 1, greedy: bool = False, text_tokens: int = 0,
-                  window: int = 512, seed: int = 0, domains: tuple[str, ...] = DOMAINS):
+                  window: int = 512, seed: int = 0, domains: tuple[str, ...] = DOMAINS, labels: str = "all"):
     """(train records, held-out records, seconds), teacher-forced (lkserve.trainer.teacher): the target's own
     completions of the train / held-out prompts from an engine WITHOUT speculation (`concurrency` streams, capture
     off: far more tokens per CPU-second than one spec engine capturing), then one target pass per window giving a
     label at every position (and an EAGLE-3 head's aux hidden states). `text_tokens` adds that many tokens of
     installed packages' text (teacher.package_texts) to the train side. `greedy`: each train prompt's T=0
     completion too, so the contexts of greedy serving (more repetitive than sampled text) are trained on as well.
-    Labels are the target at T=1."""
+    Labels are the target at T=1. `labels` "all": every position, prompt (chat template and user text) included;
+    "completion": only the completions' positions, on both sides of the split, the text serving drafts (package
+    text has no prompt: all of it)."""
+    if labels not in LABELS:
+        raise ValueError(f"bootstrap labels must be one of {LABELS}, not {labels!r}")
     from lkserve.engine.engine import Engine
     from lkserve.trainer import teacher
 
@@ -513,28 +542,34 @@ def teacher_split(settings, *, heldout_fraction: float = 0.2, max_prompts: int |
     async def go():
         engine = await Engine.create(nospec, off, None, in_process=True)
         try:
-            enc = lambda ps: [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in ps]
-            train_t = await teacher.self_generations(engine, enc(train_p), samples=samples, **kw)
+            train_e = [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in train_p]
+            held_e = [encode(engine.tokenizer, t, max_prompt_tokens) for _, t in held_p]
+            train_t = await teacher.self_generations(engine, train_e, samples=samples, **kw)
+            train_s = [len(p) for p in train_e for _ in range(samples)]  # self_generations' order
             if greedy:
-                train_t += await teacher.self_generations(engine, enc(train_p), **{**kw, "temperature": 0.0})
-            held_t = await teacher.self_generations(engine, enc(held_p), **kw)
-            return train_t, held_t, engine.tokenizer
+                train_t += await teacher.self_generations(engine, train_e, **{**kw, "temperature": 0.0})
+                train_s += [len(p) for p in train_e]
+            held_t = await teacher.self_generations(engine, held_e, **kw)
+            return train_t, train_s, held_t, [len(p) for p in held_e], engine.tokenizer
         finally:
             await engine.shutdown()
 
     t0 = time.perf_counter()
-    train_t, held_t, tok = asyncio.run(go())
+    train_t, train_s, held_t, held_s, tok = asyncio.run(go())
     if text_tokens:
-        train_t += teacher.package_texts(tok, text_tokens, seed=seed)
+        texts = teacher.package_texts(tok, text_tokens, seed=seed)
+        train_t, train_s = train_t + texts, train_s + [0] * len(texts)
     from lkserve.trainer.train import set_threads
 
     set_threads(settings.trainer.threads)  # run_bootstrap's offline_settings: the engine is stopped, the CPU is ours
     model = teacher.load_target(settings.engine.target_model)
     aux = teacher.aux_layers_of(settings.engine.draft_model) if settings.engine.method == "eagle3" else None
-    rec = lambda seqs, tags: teacher.teacher_records(
+    rec = lambda seqs, starts, tags: teacher.teacher_records(
         model, seqs, top_k=settings.capture.top_k, num_positions=settings.engine.num_speculative_tokens,
-        aux_layer_ids=aux, window=window, hidden_dtype=settings.capture.hidden_dtype, tags=tags)
-    train_r, held_r = rec(train_t, {"split": "train"}), rec(held_t, {"split": "heldout"})
+        aux_layer_ids=aux, window=window, hidden_dtype=settings.capture.hidden_dtype, tags=tags, starts=starts)
+    train_r, held_r = rec(train_t, train_s, {"split": "train"}), rec(held_t, held_s, {"split": "heldout"})
+    if labels == "completion":
+        train_r, held_r = teacher.completion_labels(train_r), teacher.completion_labels(held_r)
     return train_r, held_r, time.perf_counter() - t0
 
 

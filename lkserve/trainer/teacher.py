@@ -18,6 +18,7 @@ from installed packages (package_texts; never the standard library or Debian's m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import random
 import sysconfig
@@ -93,25 +94,49 @@ def window_record(ids: torch.Tensor, logits: torch.Tensor, aux, *, top_k: int, t
         hidden_dtype=hidden_dtype)
 
 
+PER_POSITION = ("positions", "draft_index", "draft_token_ids", "accepted", "topk_ids", "topk_probs", "residual",
+                "draft_probs")
+
+
+def labels_from(record: VerificationRecord, start: int) -> VerificationRecord:
+    """`record` with only its labels at context positions >= `start` (a completion's, not its prompt's). The
+    context and hidden states stay whole: the draft still reads the prompt, it is only not trained to predict it."""
+    keep = np.asarray(record.positions) >= start  # [P]
+    return dataclasses.replace(record, **{f: getattr(record, f)[keep] for f in PER_POSITION})
+
+
 def teacher_records(model, sequences, *, top_k: int = 32, temperature: float = 1.0, num_positions: int = 4,
                     aux_layer_ids=None, window: int = 512, min_tokens: int = 8, model_id: str = "",
-                    hidden_dtype: str = "bf16", tags=None, progress=None) -> list[VerificationRecord]:
+                    hidden_dtype: str = "bf16", tags=None, progress=None, starts=None) -> list[VerificationRecord]:
     """Records of every window of `window` tokens of every sequence (lists of token ids); windows shorter than
-    `min_tokens` are skipped. `progress(positions_so_far)` after each window."""
+    `min_tokens` are skipped. `starts` (one per sequence: its prompt's length) tags each window with
+    "completion_start", the first completion position in the window's own coordinates, for completion_labels.
+    `progress(positions_so_far)` after each window."""
     out, done = [], 0
-    for seq in sequences:
+    for n, seq in enumerate(sequences):
         for a in range(0, len(seq), window):
             ids = torch.as_tensor(seq[a: a + window], dtype=torch.long)
             if ids.shape[0] < min_tokens:
                 continue
             logits, aux = forward_window(model, ids, aux_layer_ids)
+            own = {} if starts is None else {"completion_start": str(max(0, int(starts[n]) - a))}
             out.append(window_record(ids, logits, aux, top_k=top_k, temperature=temperature,
                                      num_positions=num_positions, model_id=model_id, hidden_dtype=hidden_dtype,
-                                     tags=tags))
+                                     tags={**(tags or {}), **own}))
             done += out[-1].num_positions
             if progress is not None:
                 progress(done)
     return out
+
+
+def completion_labels(records: list) -> list | None:
+    """The records' completion labels only (labels_from at each record's "completion_start" tag), records left
+    without labels dropped: the positions serving drafts (the prompt is prefilled, never drafted). None when a
+    record has no such tag (records captured before it existed, or served ones)."""
+    if not all("completion_start" in r.tags for r in records):
+        return None
+    out = [labels_from(r, int(r.tags["completion_start"])) for r in records]
+    return [r for r in out if r.num_positions]
 
 
 DEBIAN_METADATA = (Path("/usr/share/doc"), Path("/var/lib/dpkg"), Path("/usr/share/common-licenses"))
