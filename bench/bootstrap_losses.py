@@ -1,7 +1,7 @@
 """LK-lambda vs KL on the bootstrap's own data: same records, same budget, same initial head, 3 seeds. JSON out.
 
     python bench/bootstrap_losses.py [--state <cache>/bootstrap/eagle3-0] [--positions 32768] [--seeds 0 1 2]
-                                     [--arms lk_lambda kl]   # an arm: LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]]
+                                     [--arms lk_lambda kl]   # an arm: LOSS[:PRECISION[:THREADS[:LABELS]]]
                                      [--lr-schedule cosine]
 
 Issue 17 asks for "LK-lambda vs KL on the bootstrap (same data, same budget, 3 seeds): the tau difference with its
@@ -27,8 +27,8 @@ first arm minus second and the summary adds positions/s. LABELS `completion` tra
 only (lkserve.trainer.teacher.labels_from at the chat template's generation header: the prompt is read, not
 predicted); every arm is evaluated on the whole held-out split (`after`) and on its completions only
 (`after_completion`, the positions serving drafts). --lr-schedule cosine decays every arm's lr over its budget, so
-the end point is not one noisy step of a constant lr. CHUNK > 1 forms batches from runs of CHUNK batches' records
-sorted by length (trainer.bootstrap_length_chunk); each run records the padded work's useful fraction. Writes bench/results/bootstrap_losses.json (after every
+the end point is not one noisy step of a constant lr. Each run records the padded work's useful fraction (context
+tokens over padded tokens) of its records' batches in file order. Writes bench/results/bootstrap_losses.json (after every
 run, so a partial run keeps its rows) unless --no-write.
 """
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
@@ -70,11 +69,11 @@ def arm_of(run: dict) -> str:
     return run.get("arm", run["loss"])
 
 
-def parse_arm(arm: str, threads: int) -> tuple[str, str, int, str, int]:
-    """LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]] -> (loss, precision, threads, labels, length chunk); fp32,
-    --threads, all and 0 unless given."""
-    loss, precision, n, labels, chunk = (arm.split(":") + ["fp32", str(threads), "all", "0"][arm.count(":"):])[:5]
-    return loss, precision, int(n), labels, int(chunk)
+def parse_arm(arm: str, threads: int) -> tuple[str, str, int, str]:
+    """LOSS[:PRECISION[:THREADS[:LABELS]]] -> (loss, precision, threads, labels); fp32, --threads and all unless
+    given."""
+    loss, precision, n, labels = (arm.split(":") + ["fp32", str(threads), "all"][arm.count(":"):])[:4]
+    return loss, precision, int(n), labels
 
 
 def useful_fraction(groups: list) -> float:
@@ -142,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", default=None, help="bootstrap state directory (default <cache>/bootstrap/eagle3-0)")
     ap.add_argument("--arms", "--losses", nargs="+", default=["lk_lambda", "kl"],
-                    help="LOSS[:PRECISION[:THREADS[:LABELS[:CHUNK]]]] each (default: lk_lambda kl, fp32, --threads, "
+                    help="LOSS[:PRECISION[:THREADS[:LABELS]]] each (default: lk_lambda kl, fp32, --threads, "
                          "all; LABELS all or completion)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                     help="cosine: over each run's budget (total_steps = positions / batch_positions)")
@@ -157,7 +156,8 @@ def main() -> None:
 
     from lkserve.config import EngineSettings, Settings, TrainerSettings
     from lkserve.models.smollm2 import TARGET_NAME
-    from lkserve.trainer.bootstrap import BootstrapState, length_groups, train
+    from lkserve.trainer.bootstrap import BootstrapState, train
+    from lkserve.trainer.examples import split_by_positions
     from lkserve.trainer.drafts import ops_for
     from lkserve.trainer.train import native_bf16, set_threads
 
@@ -178,9 +178,8 @@ def main() -> None:
     set_threads(args.threads)
 
     def settings_for(arm: str) -> Settings:
-        loss, precision, threads, _, chunk = parse_arm(arm, args.threads)
-        t = TrainerSettings(loss=loss, threads=threads, precision=precision, lr_schedule=args.lr_schedule,
-                            bootstrap_length_chunk=chunk)
+        loss, precision, threads, _ = parse_arm(arm, args.threads)
+        t = TrainerSettings(loss=loss, threads=threads, precision=precision, lr_schedule=args.lr_schedule)
         t = t.model_copy(update={"total_steps": max(1, args.positions // t.batch_positions)})
         return Settings(cache_dir=work, engine=EngineSettings(method="eagle3", draft_model=str(head),
                                                               target_model=str(target)), trainer=t)
@@ -231,15 +230,12 @@ def main() -> None:
                 history, done = train(ops, trainer, records, probe, batch_positions=settings.trainer.batch_positions,
                                       max_positions=args.positions, eval_every_steps=settings.trainer.eval_every_steps,
                                       eval_positions=settings.trainer.bootstrap_eval_positions,
-                                      length_chunk=settings.trainer.bootstrap_length_chunk,
                                       seed=seed, progress=lambda *a: None)
                 train_s = time.perf_counter() - t1
                 after = ops.evaluate(trainer.model, held_r).as_dict()
                 after_c = ops.evaluate(trainer.model, held_c).as_dict()
-                chunk = settings.trainer.bootstrap_length_chunk
-                useful = useful_fraction(length_groups(records, settings.trainer.batch_positions, chunk,
-                                                       random.Random(seed)))
-                runs.append({"arm": arm, "loss": loss, "labels": labels, "length_chunk": chunk,
+                useful = useful_fraction(split_by_positions(records, settings.trainer.batch_positions))
+                runs.append({"arm": arm, "loss": loss, "labels": labels,
                              "padding_useful_fraction": round(useful, 3), "precision": settings.trainer.precision,
                              "threads": settings.trainer.threads, "seed": seed, "steps": trainer.step_count,
                              "positions": done,

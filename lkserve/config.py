@@ -198,9 +198,6 @@ class TrainerSettings(BaseModel):
         4096, ge=1, description="held-out positions of the bootstrap's evaluations during training (every "
         "eval_every_steps; a strided sample of the records; None: all): the full held-out split only before and "
         "after, where the result is reported")
-    bootstrap_length_chunk: int = Field(
-        0, ge=0, description="the bootstrap's batches are formed from chunks of this many batches' records sorted by "
-        "length (then shuffled as batches), so a batch pads less; 0: off, batches of the shuffled order as it is")
     bootstrap_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`precision` of the offline bootstrap's training; auto: bf16 where the CPU multiplies "
         "bf16 natively (AVX512-BF16 or AMX: 1.9x fp32's positions/s on 2 threads, bench/train_speed.py), else fp32")

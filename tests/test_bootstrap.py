@@ -201,32 +201,6 @@ def test_training_evaluations_use_a_strided_heldout_sample():
     assert len(bootstrap.eval_sample(recs, 1500)) == 14  # every 3rd: 1,400 positions
 
 
-def test_length_groups_pad_less_and_keep_every_record_once_per_pass():
-    """Sorted by length within chunks of 8 batches: every record still in exactly one batch of ~batch_positions,
-    the same batches from the same RNG state (a resume replays them), and less padding than the shuffled order."""
-    import random
-
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    rng = random.Random(0)
-    recs = [SimpleNamespace(context_token_ids=np.zeros(n), num_positions=n - 1)
-            for n in (rng.randint(60, 420) for _ in range(400))]
-    rng.shuffle(recs)
-    useful = lambda gs: sum(len(r.context_token_ids) for g in gs for r in g) / sum(
-        len(g) * max(len(r.context_token_ids) for r in g) for g in gs)
-    plain = bootstrap.length_groups(recs, 1024, 0, random.Random(1))
-    sorted_ = bootstrap.length_groups(recs, 1024, 8, random.Random(1))
-    assert sorted(id(r) for g in sorted_ for r in g) == sorted(id(r) for r in recs)
-    assert max(sum(r.num_positions for r in g) for g in sorted_ if len(g) > 1) <= 1024
-    assert [[id(r) for r in g] for g in sorted_] == [[id(r) for r in g] for g in
-                                                     bootstrap.length_groups(recs, 1024, 8, random.Random(1))]
-    print(f"\nuseful fraction: shuffled {useful(plain):.3f}, length chunks of 8 {useful(sorted_):.3f}")
-    assert useful(sorted_) > useful(plain) + 0.1
-    assert len(sorted_) <= 1.1 * len(plain)  # batches stay about as full
-
-
 def test_records_are_saved_once_and_reused(boot_records, tmp_path):
     """The state directory keeps the captured records (lkserve.capture.codec): a rerun captures nothing; other
     capture settings or --fresh capture again."""

@@ -237,30 +237,15 @@ def eval_sample(records: list, positions: int | None) -> list:
     return records[::-(-total // positions)]
 
 
-def length_groups(order: list, batch_positions: int, chunk_batches: int, rng) -> list[list]:
-    """Batches (split_by_positions) of the shuffled `order`; with chunk_batches > 1 each run of records worth
-    ~chunk_batches batches is sorted by context length first and its batches are shuffled (`rng`), so records of
-    similar lengths share a batch (less padding) while every pass still mixes the data in a new order."""
-    if chunk_batches <= 1:
-        return split_by_positions(order, batch_positions)
-    groups = []
-    for chunk in split_by_positions(order, batch_positions * chunk_batches):
-        part = split_by_positions(sorted(chunk, key=lambda r: len(r.context_token_ids)), batch_positions)
-        rng.shuffle(part)
-        groups += part
-    return groups
-
-
 def train(ops, trainer, train_records: list, heldout_records: list, *, batch_positions: int,
           max_positions: int | None = None, max_minutes: float | None = None, eval_every_steps: int = 20,
           eval_positions: int | None = None, seed: int = 0, progress=_progress, resume: dict | None = None,
-          save=None, length_chunk: int = 0) -> tuple[list, int]:
+          save=None) -> tuple[list, int]:
     """Passes over `train_records` (shuffled each pass, seeded) in steps of ~`batch_positions`, until
     `max_positions` trained in total (counting the positions of `resume`) or `max_minutes` spent in this call
     (at least one step unless the positions are done already). Returns (history of held-out evals, positions
     trained in total). Held-out records are only evaluated: every `eval_every_steps` steps, on eval_sample(...,
     eval_positions) of them (None: all), so the progress line's held-out alpha does not cost a third of the training.
-    `length_chunk`: length_groups' chunk_batches (0: the shuffled order's own batches).
 
     `save(state)` is called at every evaluation, at the end and on KeyboardInterrupt (then re-raised) with what
     `resume` takes back: {"positions", "rng" (the shuffle RNG at the start of the current pass), "group" (the next
@@ -298,7 +283,7 @@ def train(ops, trainer, train_records: list, heldout_records: list, *, batch_pos
             order = usable[:]
             rng.shuffle(order)
             first, stepped = next_group, False
-            for gi, group in enumerate(length_groups(order, batch_positions, length_chunk, rng)):
+            for gi, group in enumerate(split_by_positions(order, batch_positions)):
                 if gi < first:
                     continue
                 next_group = gi + 1
@@ -346,8 +331,7 @@ def _fingerprint(settings, base, seed: int, train_records: list, heldout_records
     return {"method": settings.engine.method, "base": str(base), "seed": seed, "loss": t.loss, "eta": t.eta,
             "lr": t.lr_for(settings.engine.method), "batch_positions": t.batch_positions,
             "train_params": t.train_params, "num_positions": settings.engine.num_speculative_tokens,
-            "train_records": len(train_records), "heldout_records": len(heldout_records),
-            **({"length_chunk": t.bootstrap_length_chunk} if t.bootstrap_length_chunk else {})}
+            "train_records": len(train_records), "heldout_records": len(heldout_records)}
 
 
 def rebuild_head_vocab(base_dir, target_dir, records: list, out_dir, num_speculative_tokens: int) -> dict | None:
@@ -454,8 +438,7 @@ def bootstrap_records(settings, registry, train_records: list, heldout_records: 
                           batch_positions=settings.trainer.batch_positions, max_positions=max_positions,
                           max_minutes=max_minutes, eval_every_steps=settings.trainer.eval_every_steps,
                           eval_positions=settings.trainer.bootstrap_eval_positions, seed=seed,
-                          progress=progress, resume=resume, save=save if state is not None else None,
-                          length_chunk=settings.trainer.bootstrap_length_chunk)
+                          progress=progress, resume=resume, save=save if state is not None else None)
     train_seconds = time.perf_counter() - t0
     after = ops.evaluate(trainer.model, heldout_records).as_dict()
     from lkserve.trainer.teacher import completion_labels
