@@ -13,8 +13,8 @@ spread". Everything here is the bootstrap's own code path, only the loss differs
   to a temporary directory so the state is never written; every run starts from these same weights;
 - training: lkserve.trainer.bootstrap.train with the worker's ops (lkserve.trainer.drafts.ops_for on Settings with
   method "eagle3" and settings.trainer.loss = lk_lambda or kl; everything else default: lr 1e-3, batch 1,024
-  positions, gamma 0.8, eta 3, K = the engine default (2 on CPU), fp32), for --positions positions; the seed sets the shuffle of the passes
-  (the data order), not the initial weights;
+  positions, gamma 0.8, eta 3, K = the engine default (2 on CPU), fp32), for --positions positions; the seed sets
+  the shuffle of the passes (the data order), not the initial weights;
 - measured: held-out alpha per draft position (the gate's exact top-k lower bound, lkserve.trainer.gate) and the
   gate's tau = 1 + sum_n prod_{j<=n} alpha_j, before training and after, plus the bootstrap's history (every
   eval_every_steps steps).
@@ -28,8 +28,8 @@ only (lkserve.trainer.teacher.labels_from at the chat template's generation head
 predicted); every arm is evaluated on the whole held-out split (`after`) and on its completions only
 (`after_completion`, the positions serving drafts). --lr-schedule cosine decays every arm's lr over its budget, so
 the end point is not one noisy step of a constant lr. Each run records the padded work's useful fraction (context
-tokens over padded tokens) of its records' batches in file order. Writes bench/results/bootstrap_losses.json (after every
-run, so a partial run keeps its rows) unless --no-write.
+tokens over padded tokens) of its records' batches in file order. Writes bench/results/bootstrap_losses.json (after
+every run, so a partial run keeps its rows) unless --no-write.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.layout import host_cpu  # noqa: E402
+from bench.layout import host_cpu
+
 RESULTS = ROOT / "bench" / "results" / "bootstrap_losses.json"
 
 
@@ -157,8 +158,8 @@ def main() -> None:
     from lkserve.config import EngineSettings, Settings, TrainerSettings
     from lkserve.models.smollm2 import TARGET_NAME
     from lkserve.trainer.bootstrap import BootstrapState, train
-    from lkserve.trainer.examples import split_by_positions
     from lkserve.trainer.drafts import ops_for
+    from lkserve.trainer.examples import split_by_positions
     from lkserve.trainer.train import native_bf16, set_threads
 
     cache = Settings().cache_dir
